@@ -1,0 +1,157 @@
+"""The work behind each `voxport` command; cli.py only dispatches here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from voxport.errors import VoxportError
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def run_hydra(command: str) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    # An absolute path: the editable install maps the package, and Hydra's module lookup of a
+    # relative path ("voxport.conf") would need conf/ to be a Python package.
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig) -> Any:
+        try:
+            if command == "build":
+                return _build(cfg)
+            if command == "bench":
+                from voxport.benchmarks.run import run_bench
+
+                return run_bench(cfg)
+            from voxport.runtime.serve.app import serve
+
+            return serve(cfg)
+        except VoxportError as exc:
+            print(f"voxport {command}: error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    _main()
+    return 0
+
+
+def _build(cfg: Any) -> None:
+    from voxport.build import build_bundle
+
+    bundle = build_bundle(cfg)
+    print(artifact_table(bundle.records, bundle.path))
+    print(f"\nbundle: {bundle.path}/manifest.json")
+
+
+def artifact_table(records: list, bundle_dir: Path) -> str:
+    """Markdown table: one row per artifact with its headline parity figure."""
+    rows = ["| artifact | component | format | precision | weights | MB | parity vs PyTorch FP32 |",
+            "|---|---|---|---|---|---:|---|"]
+    for r in records:
+        rows.append(f"| {r.file} | {r.key} | {r.format} | {r.precision} | {r.weights} | "
+                    f"{(bundle_dir / r.file).stat().st_size / 1e6:.1f} | {headline(r)} |")
+    return "\n".join(rows)
+
+
+def headline(record: Any) -> str:
+    p = record.parity
+    if record.stage == "source":
+        return "reference"
+    parts = []
+    for key, label, fmt in (
+        ("wav_snr_db_min", "wav SNR", "{:.1f} dB"), ("mr_stft_distance_max", "MR-STFT", "{:.2e}"),
+        ("embedding_cosine_min", "cos", "{:.7f}"), ("mel_snr_db_min", "mel SNR", "{:.1f} dB"),
+        ("stop_agreement_min", "stop agree", "{:.2f}"),
+    ):
+        if key in p:
+            parts.append(f"{label} {fmt.format(p[key])}")
+    return ", ".join(parts) or "-"
+
+
+def cmd_corpus(argv: list[str]) -> int:
+    from voxport.cli import parser
+    from voxport.corpus import build_corpus, default_corpus_dir
+
+    ap = parser("corpus")
+    ap.add_argument("--out", type=Path, default=None, help=f"default: {default_corpus_dir()}")
+    ap.add_argument("--force", action="store_true", help="rebuild even if present")
+    args = ap.parse_args(argv)
+    path = build_corpus(args.out, force=args.force)
+    print(f"corpus: {path}/manifest.json")
+    return 0
+
+
+def cmd_vocode(argv: list[str]) -> int:
+    from voxport import metrics
+    from voxport.cli import parser
+    from voxport.models import audio
+
+    ap = parser("vocode")
+    ap.add_argument("--wav", type=Path, required=True, help="input speech (any rate; resampled)")
+    ap.add_argument("--out", type=Path, required=True, help="output wav")
+    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"),
+                    help="bundle from `voxport build` (its preferred vocoder artifact serves)")
+    ap.add_argument("--prefer", default="onnx,torch", help="format preference, e.g. torch,onnx")
+    args = ap.parse_args(argv)
+    from voxport.runtime.cloner import VocoderOnly
+
+    vocoder = VocoderOnly(args.bundle, preference=args.prefer.split(","))
+    wav = audio.load_wav(args.wav, vocoder.sample_rate)
+    mel = audio.mel_spectrogram(wav, vocoder.mel_cfg)
+    out = vocoder.vocode(mel)
+    audio.save_wav(args.out, out, vocoder.sample_rate)
+    n = min(len(wav), len(out))
+    served = vocoder.served
+    print(f"vocoder: {served.file} ({served.format} {served.precision}, {served.weights} weights) "
+          f"on {', '.join(served.providers)}; {served.reason}")
+    print(f"copy synthesis of {n / vocoder.sample_rate:.2f} s: "
+          f"MR-STFT distance to input {metrics.mr_stft_distance(wav[:n], out[:n]):.3f}, "
+          f"log-mel distance {metrics.log_mel_distance_db(wav[:n], out[:n], vocoder.sample_rate):.2f} dB")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_clone(argv: list[str]) -> int:
+    from voxport.cli import parser
+    from voxport.models import audio
+    from voxport.runtime.cloner import VoiceCloner
+
+    ap = parser("clone")
+    ap.add_argument("--ref", type=Path, required=True, help="reference speech of the voice to clone")
+    ap.add_argument("--text", required=True, help="text to speak (English or Chinese)")
+    ap.add_argument("--out", type=Path, required=True, help="output wav")
+    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
+    ap.add_argument("--prefer", default="onnx,torch", help="format preference order")
+    ap.add_argument("--strict", action="store_true", help="refuse any fallback from --prefer's first")
+    ap.add_argument("--style", type=int, default=0, help="GST style token 0..9, or -1 (from speaker)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prenet dropout masks")
+    ap.add_argument("--max-steps", type=int, default=None, help="maximum decoder steps")
+    args = ap.parse_args(argv)
+    ref = audio.load_wav(args.ref, 16000)  # validate the reference before loading any model
+    cloner = VoiceCloner(args.bundle, preference=args.prefer.split(","), strict=args.strict)
+    wav = cloner.clone(ref, 16000, args.text, style_idx=args.style, seed=args.seed,
+                       max_decoder_steps=args.max_steps)
+    audio.save_wav(args.out, wav, cloner.sample_rate)
+    for served in cloner.served.values():
+        print(f"{served.key}: {served.file} ({served.weights} weights) on {', '.join(served.providers)}")
+    if "seeded" in cloner.weights.values():
+        seeded = [c for c, w in cloner.weights.items() if w == "seeded"]
+        print(f"note: {', '.join(seeded)} weights are seeded (untrained): the output is not speech")
+    print(f"wrote {args.out} ({len(wav) / cloner.sample_rate:.2f} s at {cloner.sample_rate} Hz)")
+    return 0
+
+
+def cmd_doctor(argv: list[str]) -> int:
+    from voxport.cli import parser
+    from voxport.runtime.doctor import report
+
+    ap = parser("doctor")
+    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
+    args = ap.parse_args(argv)
+    print(report(args.bundle))
+    return 0
+

@@ -1,0 +1,1 @@
+"""Exporters: PyTorch graphs to ONNX (validated against PyTorch), ONNX to TensorRT engines."""

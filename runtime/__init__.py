@@ -1,0 +1,1 @@
+"""Run artifacts: backends, artifact selection, the cloning pipeline."""

@@ -1,0 +1,76 @@
+"""ONNX Runtime backend (CPU, CUDA).
+
+ONNX Runtime falls back from CUDA to CPU silently when a provider cannot be created; we read the
+session's providers back and refuse a mismatch, so a log never says "CUDA" while a CPU computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from voxport.errors import BackendUnavailable
+from voxport.records import Record
+from voxport.runtime.backends.base import Backend, verified_artifact
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+    ) -> None:
+        self._requested = list(providers)
+        self._intra = intra_op_threads
+        self._inter = inter_op_threads
+        self._session = None
+        self._input_names: list[str] = []
+
+    def load(self, record: Record, bundle_dir: Path) -> None:
+        import onnxruntime as ort
+
+        path = verified_artifact(record, bundle_dir)
+        available = ort.get_available_providers()
+        missing = [p for p in self._requested if p not in available]
+        if missing:
+            raise BackendUnavailable(
+                f"{record.file}: ONNX Runtime providers {missing} are not available here "
+                f"(available: {available})"
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._intra
+        opts.inter_op_num_threads = self._inter
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=self._requested)
+        actual = session.get_providers()
+        if actual[: len(self._requested)] != self._requested:
+            raise BackendUnavailable(
+                f"{record.file}: asked ONNX Runtime for {self._requested} but the session runs on "
+                f"{actual}; refusing the silent fallback"
+            )
+        self._session = session
+        self._input_names = [i.name for i in session.get_inputs()]
+        log.info("loaded %s on %s", record.file, actual)
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise BackendUnavailable("onnxruntime backend used before load() or after close()")
+        outputs = self._session.run(None, {n: feeds[n] for n in self._input_names})
+        names = [o.name for o in self._session.get_outputs()]
+        return dict(zip(names, outputs, strict=True))
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers()) if self._session is not None else []
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,162 @@
+"""The cloning pipeline over whatever artifacts a bundle holds.
+
+reference audio -> encoder front end -> embedding; text -> fragments -> symbol ids ->
+synthesizer host loop (encoder graph once, decoder-step graph per step, stop rule, postnet) ->
+vocoder -> waveform. Every graph is served by a backend chosen from the bundle's records; which
+one serves, and why, is logged and available from `served`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxport.errors import AudioError, ConfigError
+from voxport.models import speaker_encoder as se
+from voxport.models import text as text_frontend
+from voxport.models.audio import MelConfig
+from voxport.models.synthesizer import SynthesizerConfig
+from voxport.models.synthesizer_loop import run_host_loop
+from voxport.records import Record, read_bundle
+from voxport.runtime.backends import Backend, open_backend
+from voxport.runtime.select import select
+
+log = logging.getLogger(__name__)
+
+GRAPHS = (
+    ("speaker_encoder", "speaker_encoder"),
+    ("synthesizer", "encoder"),
+    ("synthesizer", "decoder_step"),
+    ("synthesizer", "postnet"),
+    ("vocoder", "vocoder"),
+)
+
+
+@dataclass(frozen=True)
+class Served:
+    """Which artifact serves one graph, on what, and why it was chosen."""
+
+    key: str
+    file: str
+    format: str
+    precision: str
+    weights: str
+    sha256: str
+    providers: tuple[str, ...]
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "providers": list(self.providers)}
+
+
+def open_graph(
+    records: Sequence[Record], bundle_dir: Path, component: str, graph: str,
+    preference: Sequence[str], strict: bool = False, threads: int = 0,
+) -> tuple[Backend, Served]:
+    """Select and load the artifact serving one graph; log what serves it and why."""
+    record, reason = select(records, component, graph, preference, strict=strict)
+    options = {"intra_op_threads": threads} if record.format == "onnx" else {}
+    backend = open_backend(record, bundle_dir, graph=graph, **options)
+    served = Served(f"{component}/{graph}", record.file, record.format, record.precision,
+                    record.weights, record.sha256, tuple(backend.providers), reason)
+    log.info("%s served by %s (%s %s) on %s: %s", served.key, record.file, record.format,
+             record.precision, backend.providers, reason)
+    return backend, served
+
+
+class VocoderOnly:
+    """Just the vocoder of a bundle: copy synthesis (`voxport vocode`) and benchmarks."""
+
+    def __init__(self, bundle_dir: str | Path, preference: Sequence[str] = ("onnx", "torch"),
+                 strict: bool = False, threads: int = 0) -> None:
+        records = read_bundle(Path(bundle_dir))
+        self._backend, self.served = open_graph(
+            records, Path(bundle_dir), "vocoder", "vocoder", preference, strict, threads
+        )
+        source = next(r for r in records if r.component == "vocoder" and r.stage == "source")
+        self.mel_cfg = MelConfig.from_dict(source.contract["mel"])
+        self.sample_rate = self.mel_cfg.sample_rate
+
+    def vocode(self, mel: np.ndarray) -> np.ndarray:
+        wav = self._backend.infer({"mel": mel[None].astype(np.float32)})["wav"]
+        return wav.reshape(-1)
+
+
+class VoiceCloner:
+    def __init__(
+        self, bundle_dir: str | Path, preference: Sequence[str] = ("onnx", "torch"),
+        strict: bool = False, threads: int = 0,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        records = read_bundle(self.bundle_dir)
+        self._backends: dict[str, Backend] = {}
+        self.served: dict[str, Served] = {}
+        for component, graph in GRAPHS:
+            key = f"{component}/{graph}"
+            self._backends[key], self.served[key] = open_graph(
+                records, self.bundle_dir, component, graph, preference, strict, threads
+            )
+        by_component = {r.component: r for r in records if r.stage == "source"}
+        self.encoder_cfg = se.SpeakerEncoderConfig.from_dict(by_component["speaker_encoder"].model["config"])
+        self.synth_cfg = SynthesizerConfig.from_dict(by_component["synthesizer"].model["config"])
+        self.mel_cfg = MelConfig.from_dict(by_component["vocoder"].contract["mel"])
+        self.weights = {c: r.weights for c, r in by_component.items()}
+
+    @property
+    def sample_rate(self) -> int:
+        return self.mel_cfg.sample_rate
+
+    def embed(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Reference speech -> 256-d unit embedding. AudioError if too little voiced speech."""
+        processed = se.preprocess_wav(np.asarray(wav, dtype=np.float32), sample_rate, self.encoder_cfg)
+        mels = se.partial_mels(processed, self.encoder_cfg).astype(np.float32)
+        partials = self._backends["speaker_encoder/speaker_encoder"].infer({"mels": mels})["embeddings"]
+        mean = partials.mean(axis=0)
+        return (mean / np.linalg.norm(mean)).astype(np.float32)
+
+    def synthesize(
+        self, text: str, embedding: np.ndarray, style_idx: int = 0, seed: int = 0,
+        max_decoder_steps: int | None = None,
+    ) -> np.ndarray:
+        """Text + embedding -> mel (n_mels, T), fragments concatenated in time."""
+        embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if embedding.shape[0] != self.synth_cfg.speaker_embedding_dim or not np.isfinite(embedding).all():
+            raise ConfigError(
+                f"speaker embedding must hold {self.synth_cfg.speaker_embedding_dim} finite values"
+            )
+        fragments = text_frontend.encode_text(text, self.synth_cfg.n_symbols)
+        generator = torch.Generator().manual_seed(seed)
+        mels = []
+        for ids in fragments:
+            result = run_host_loop(
+                self._backends["synthesizer/encoder"].infer,
+                self._backends["synthesizer/decoder_step"].infer,
+                self._backends["synthesizer/postnet"].infer,
+                np.asarray([ids], dtype=np.int64), embedding[None], np.asarray([style_idx], dtype=np.int64),
+                generator, self.synth_cfg, max_decoder_steps=max_decoder_steps,
+            )
+            mels.append(result.trimmed()[0])
+        return np.concatenate(mels, axis=1)
+
+    def vocode(self, mel: np.ndarray) -> np.ndarray:
+        """mel (n_mels, T) -> float32 waveform at `sample_rate`."""
+        wav = self._backends["vocoder/vocoder"].infer({"mel": mel[None].astype(np.float32)})["wav"]
+        return wav.reshape(-1)
+
+    def clone(self, reference: np.ndarray, reference_sr: int, text: str, **options: Any) -> np.ndarray:
+        if reference.size == 0:
+            raise AudioError("reference audio is empty")
+        embedding = self.embed(reference, reference_sr)
+        return self.vocode(self.synthesize(text, embedding, **options))
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
+
