@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from voxport.corpus import Corpus, build_corpus, default_corpus_dir, load_corpus
@@ -25,6 +26,7 @@ from voxport.models.checkpoint import sha256_file
 from voxport.models.graph import GraphSpec
 from voxport.models.stack import Component, load_stack
 from voxport.records import Record, now_iso, tool_versions, write_manifest, write_record
+from voxport.stages import StageContext, stage
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,16 @@ def build_bundle(cfg: Any) -> Bundle:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
         records: list[Record] = []
-        for component in tqdm(stack.components, desc="build", unit="component"):
+        for component in tqdm(stack.components, desc="export", unit="component"):
             source = write_source(component, staging)
             records.append(source)
             records += export_component(component, source, staging, export_cfg, corpus, cfg)
+        # Stages append their records to `records` (the context shares the list).
+        run_stages(cfg, StageContext(
+            bundle_dir=staging, corpus=corpus, records=records,
+            gates=OmegaConf.to_container(cfg.gates, resolve=True), seed=int(cfg.seed),
+            threads=int(cfg.target.threads), timing_repeats=int(cfg.timing.repeats),
+        ))
         write_manifest(staging, records, stack.describe())
         _replace_dir(staging, out_dir)
     except BaseException:
@@ -64,6 +72,33 @@ def build_bundle(cfg: Any) -> Bundle:
         raise
     log.info("bundle ready: %s (%d artifacts)", out_dir, len(records))
     return Bundle(out_dir, records)
+
+
+# Settings shared by every stage of a kind live in one config node (`quantize`, `prune`).
+_SETTINGS = {"quantize_dynamic": "quantize", "quantize_static": "quantize", "prune_magnitude": "prune",
+             "prune_structured": "prune"}
+
+
+def run_stages(cfg: Any, ctx: StageContext) -> list[Record]:
+    """Run conf `stages` per component, in order; each entry names its kind, graph and parent."""
+    planned = [(component, entry) for component in ("speaker_encoder", "synthesizer", "vocoder")
+               for entry in cfg.stages.get(component) or []]
+    made: list[Record] = []
+    for component, entry in tqdm(planned, desc="stages", unit="stage", disable=not planned):
+        entry = OmegaConf.to_container(entry, resolve=True)
+        kind, graph = entry["kind"], entry.get("graph", component)
+        if entry.get("parent", "onnx") == "torch":
+            parent = ctx.source(component)
+        else:
+            parent = ctx.find(component, graph, "onnx", entry.get("parent_precision", "fp32"))
+        settings = dict(OmegaConf.to_container(cfg[_SETTINGS[kind]], resolve=True)) if kind in _SETTINGS else {}
+        settings.update({k: v for k, v in entry.items() if k not in ("kind", "parent", "parent_precision")})
+        settings["timing_seconds"] = float(cfg.timing.seconds)
+        log.info("stage %s on %s/%s (parent %s)", kind, component, graph, parent.file)
+        record = stage(kind)(parent, settings, ctx)
+        ctx.records.append(record)
+        made.append(record)
+    return made
 
 
 def write_source(component: Component, bundle_dir: Path) -> Record:

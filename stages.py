@@ -1,0 +1,102 @@
+"""Optimization stages: registry, context, and the rules every stage follows.
+
+A stage is `run(parent: Record, cfg, ctx) -> Record`: it reads its parent artifact from the
+bundle, writes a new artifact beside it, measures parity against the PyTorch FP32 original and
+quality where a listener would notice, times itself against its parent in the same process, and
+writes the record only if the gate passed. On a failed gate it deletes what it wrote and raises
+`GateError` listing every metric. Stages never mutate their parent nor global torch settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voxport.corpus import Corpus
+from voxport.errors import ConfigError, ParityError
+from voxport.records import Record
+
+log = logging.getLogger(__name__)
+
+
+class GateError(ParityError):
+    """An optimized artifact failed its quality (or speed) gate; `metrics` holds every figure."""
+
+
+@dataclass
+class StageContext:
+    """What every stage may use: the bundle being built, real speech, gates and settings."""
+
+    bundle_dir: Path
+    corpus: Corpus
+    records: list[Record]  # every record written so far in this build
+    gates: dict[str, Any]  # conf `gates`: per component, per precision
+    seed: int = 1234
+    threads: int = 0  # 0 = engine default
+    timing_repeats: int = 5
+    cache: dict[str, Any] = field(default_factory=dict)  # per-build memo (e.g. FP32 quality baseline)
+
+    def source(self, component: str) -> Record:
+        """The PyTorch FP32 original of a component: the reference for every comparison."""
+        for r in self.records:
+            if r.component == component and r.stage == "source":
+                return r
+        raise ConfigError(f"no PyTorch source record for '{component}' in this build")
+
+    def find(self, component: str, graph: str, fmt: str, precision: str = "fp32") -> Record:
+        for r in reversed(self.records):
+            if (r.component, r.graph, r.format, r.precision) == (component, graph, fmt, precision):
+                return r
+        raise ConfigError(f"no {fmt} {precision} artifact of {component}/{graph} built before this stage")
+
+    def gate(self, component: str, precision: str) -> dict[str, Any]:
+        try:
+            return dict(self.gates[component][precision])
+        except KeyError:
+            raise ConfigError(f"no gate configured for {component} {precision} (conf gates)") from None
+
+
+StageFn = Callable[[Record, Any, StageContext], Record]
+_STAGES: dict[str, StageFn] = {}
+
+
+def register(kind: str) -> Callable[[StageFn], StageFn]:
+    def wrap(fn: StageFn) -> StageFn:
+        _STAGES[kind] = fn
+        return fn
+
+    return wrap
+
+
+def stage(kind: str) -> StageFn:
+    """The stage function registered under `kind` (modules are imported on first use)."""
+    if kind not in _STAGES:
+        import importlib
+
+        module = STAGE_MODULES.get(kind)
+        if module is None:
+            raise ConfigError(f"unknown stage '{kind}'; known: {', '.join(sorted(STAGE_MODULES))}")
+        importlib.import_module(module)
+    return _STAGES[kind]
+
+
+# Where each stage kind lives; importing the module registers it.
+STAGE_MODULES = {
+    "quantize_dynamic": "voxport.quantize.dynamic",
+    "quantize_static": "voxport.quantize.static",
+    "bf16": "voxport.quantize.bf16",
+    "prune_magnitude": "voxport.prune.magnitude",
+    "prune_structured": "voxport.prune.structured",
+    "fp16": "voxport.export.fp16",
+    "tensorrt": "voxport.export.tensorrt",
+}
+
+
+def fail(artifact: str, failures: list[str], figures: dict[str, Any], written: list[Path]) -> None:
+    """Delete what a stage wrote and raise GateError with every figure (never half an artifact)."""
+    for path in written:
+        Path(path).unlink(missing_ok=True)
+    raise GateError(artifact, failures, figures)
