@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from voxport.corpus import Corpus, build_corpus, default_corpus_dir, load_corpus
-from voxport.errors import ParityError
+from voxport.errors import ConfigError, ParityError
 from voxport.export import inputs, validate
 from voxport.export.onnx import OnnxExportConfig, export_graph, ort_runner, tensor_specs
 from voxport.models import registry
@@ -47,6 +47,10 @@ def ensure_corpus(corpus_dir: str | None) -> Corpus:
 
 def build_bundle(cfg: Any) -> Bundle:
     """Run every stage of `cfg` and return the finished bundle (see conf/config.yaml)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"required config values missing: {', '.join(missing)} "
+                          f"(give them as overrides, e.g. `voxport build {missing[0]}=PATH`)")
     export_cfg = OnnxExportConfig(exporter=str(cfg.export.exporter), opset=int(cfg.export.opset))
     corpus = ensure_corpus(cfg.corpus_dir)
     stack = load_stack(cfg.stack)

@@ -55,6 +55,9 @@ def export_graph(spec: GraphSpec, path: Path, cfg: OnnxExportConfig) -> Path:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*TorchScript.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # RNNs without explicit initial states: ONNX Runtime zero-initialises them for any
+            # batch size, and validation runs batches of several sizes, so the warning is moot.
+            warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size")
             if cfg.exporter == "torchscript":
                 torch.onnx.export(
                     module, spec.example_inputs, str(tmp), dynamo=False,
