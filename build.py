@@ -26,7 +26,8 @@ from voxport.models.checkpoint import sha256_file
 from voxport.models.graph import GraphSpec
 from voxport.models.stack import Component, load_stack
 from voxport.records import Record, now_iso, tool_versions, write_manifest, write_record
-from voxport.stages import StageContext, stage
+from voxport.runtime.host import require_target
+from voxport.stages import StageContext, StageSkipped, stage
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ def build_bundle(cfg: Any) -> Bundle:
     if missing:
         raise ConfigError(f"required config values missing: {', '.join(missing)} "
                           f"(give them as overrides, e.g. `voxport build {missing[0]}=PATH`)")
+    # A target this host cannot serve (target=tensorrt without CUDA) stops here, before any work.
+    require_target(OmegaConf.to_container(cfg.target, resolve=True),
+                   stages=[e.kind for entries in cfg.stages.values() for e in entries or []])
     export_cfg = OnnxExportConfig(exporter=str(cfg.export.exporter), opset=int(cfg.export.opset))
     corpus = ensure_corpus(cfg.corpus_dir)
     stack = load_stack(cfg.stack)
@@ -64,12 +68,13 @@ def build_bundle(cfg: Any) -> Bundle:
             records.append(source)
             records += export_component(component, source, staging, export_cfg, corpus, cfg)
         # Stages append their records to `records` (the context shares the list).
-        run_stages(cfg, StageContext(
+        ctx = StageContext(
             bundle_dir=staging, corpus=corpus, records=records,
             gates=OmegaConf.to_container(cfg.gates, resolve=True), seed=int(cfg.seed),
             threads=int(cfg.target.threads), timing_repeats=int(cfg.timing.repeats),
-        ))
-        write_manifest(staging, records, stack.describe())
+        )
+        run_stages(cfg, ctx)
+        write_manifest(staging, records, stack.describe(), skipped=ctx.skipped)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -80,7 +85,7 @@ def build_bundle(cfg: Any) -> Bundle:
 
 # Settings shared by every stage of a kind live in one config node (`quantize`, `prune`).
 _SETTINGS = {"quantize_dynamic": "quantize", "quantize_static": "quantize", "prune_magnitude": "prune",
-             "prune_structured": "prune"}
+             "prune_structured": "prune", "fp16": "fp16", "tensorrt": "tensorrt"}
 
 
 def run_stages(cfg: Any, ctx: StageContext) -> list[Record]:
@@ -99,7 +104,12 @@ def run_stages(cfg: Any, ctx: StageContext) -> list[Record]:
         settings.update({k: v for k, v in entry.items() if k not in ("kind", "parent", "parent_precision")})
         settings["timing_seconds"] = float(cfg.timing.seconds)
         log.info("stage %s on %s/%s (parent %s)", kind, component, graph, parent.file)
-        record = stage(kind)(parent, settings, ctx)
+        try:
+            record = stage(kind)(parent, settings, ctx)
+        except StageSkipped as exc:  # cannot pay off on this host: no artifact, not a failure
+            log.warning("stage %s on %s/%s skipped: %s", kind, component, graph, exc)
+            ctx.skipped.append({"component": component, "graph": graph, "kind": kind, "reason": str(exc)})
+            continue
         ctx.records.append(record)
         made.append(record)
     return made

@@ -16,7 +16,9 @@ from voxport.errors import VoxportError
 HYDRA_COMMANDS = ("build", "bench", "serve")
 COMMANDS = {
     "build": "optimize, export and validate the stack; write the artifact bundle",
+    "bench": "time every artifact of a bundle (RTF, memory, FLOP/s); --compare BASELINE.json for CI",
     "clone": "clone a voice: reference audio + text -> wav",
+    "serve": "HTTP voice-cloning service over a bundle (loopback by default; docs at /docs)",
     "vocode": "copy synthesis: wav -> mel -> vocoder -> wav (real HiFi-GAN weights)",
     "doctor": "describe this host and which artifact each component would use",
     "corpus": "assemble the real-speech corpus from Debian packages",
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in HYDRA_COMMANDS:
             from voxport import commands
 
+            if command == "bench":
+                rest = hydra_compare(rest)
             sys.argv = [f"voxport {command}", *rest]
             return commands.run_hydra(command) or 0
         from voxport import commands
@@ -46,6 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         # One line, naming the problem; the traceback is for bugs, not for bad input.
         print(f"voxport {command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def hydra_compare(args: list[str]) -> list[str]:
+    """`--compare PATH` / `--compare=PATH` -> the Hydra override `compare=PATH`."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--compare" and i + 1 < len(args):
+            out.append(f"compare={args[i + 1]}")
+            i += 2
+            continue
+        out.append("compare=" + args[i].split("=", 1)[1] if args[i].startswith("--compare=") else args[i])
+        i += 1
+    return out
 
 
 def parser(command: str) -> argparse.ArgumentParser:

@@ -25,9 +25,7 @@ def run_hydra(command: str) -> int:
             if command == "build":
                 return _build(cfg)
             if command == "bench":
-                from voxport.benchmarks.run import run_bench
-
-                return run_bench(cfg)
+                return _bench(cfg)
             from voxport.runtime.serve.app import serve
 
             return serve(cfg)
@@ -41,10 +39,39 @@ def run_hydra(command: str) -> int:
 
 def _build(cfg: Any) -> None:
     from voxport.build import build_bundle
+    from voxport.summary import ranking_table, record_sweep_job, rows
 
+    sweep = _sweep_job()
+    if sweep is not None:  # `-m`: every variant builds its own bundle inside the sweep directory
+        cfg.out_dir = str(sweep[2])
     bundle = build_bundle(cfg)
     print(artifact_table(bundle.records, bundle.path))
+    print("\nfastest passing artifacts per component (speed measured side by side in this build):\n"
+          + ranking_table(rows(bundle.records)))
+    if sweep is not None:
+        table = record_sweep_job(sweep[0], sweep[1], bundle.records)
+        print(f"\nsweep ranking so far ({sweep[0]}/sweep_summary.md):\n{table}")
     print(f"\nbundle: {bundle.path}/manifest.json")
+
+
+def _sweep_job() -> tuple[Path, str, Path] | None:
+    """(sweep directory, variant name, bundle directory) of a `-m` job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir), hc.job.override_dirname or str(hc.job.num), Path(hc.runtime.output_dir) / "bundle"
+
+
+def _bench(cfg: Any) -> None:
+    from voxport.benchmarks.run import run_bench
+
+    run = run_bench(cfg)
+    print(run.table)
+    print("wrote " + ", ".join(map(str, run.paths)))
+    run.raise_for_failures(cfg.compare, float(cfg.bench.max_regression))
 
 
 def artifact_table(records: list, bundle_dir: Path) -> str:
@@ -95,7 +122,8 @@ def cmd_vocode(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output wav")
     ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"),
                     help="bundle from `voxport build` (its preferred vocoder artifact serves)")
-    ap.add_argument("--prefer", default="onnx,torch", help="format preference, e.g. torch,onnx")
+    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch",
+                    help="preference order of tiers trt, onnx-cuda, cpu, onnx, torch (e.g. torch)")
     args = ap.parse_args(argv)
     from voxport.runtime.cloner import VocoderOnly
 
@@ -125,7 +153,8 @@ def cmd_clone(argv: list[str]) -> int:
     ap.add_argument("--text", required=True, help="text to speak (English or Chinese)")
     ap.add_argument("--out", type=Path, required=True, help="output wav")
     ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
-    ap.add_argument("--prefer", default="onnx,torch", help="format preference order")
+    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch",
+                    help="preference order of tiers trt, onnx-cuda, cpu, onnx, torch")
     ap.add_argument("--strict", action="store_true", help="refuse any fallback from --prefer's first")
     ap.add_argument("--style", type=int, default=0, help="GST style token 0..9, or -1 (from speaker)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prenet dropout masks")
@@ -151,7 +180,8 @@ def cmd_doctor(argv: list[str]) -> int:
 
     ap = parser("doctor")
     ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
+    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch", help="preference order of tiers")
     args = ap.parse_args(argv)
-    print(report(args.bundle))
+    print(report(args.bundle, tuple(args.prefer.split(","))))
     return 0
 

@@ -153,14 +153,16 @@ def read_bundle(bundle_dir: Path) -> list[Record]:
     return [read_record(Path(bundle_dir) / name) for name in data["records"]]
 
 
-def write_manifest(bundle_dir: Path, records: list[Record], stack: dict[str, Any]) -> Path:
-    """The bundle's index: every record plus the stack contracts."""
+def write_manifest(bundle_dir: Path, records: list[Record], stack: dict[str, Any],
+                   skipped: list[dict[str, str]] | None = None) -> Path:
+    """The bundle's index: every record plus the stack contracts (and stages skipped on this host)."""
     payload = {
         "manifest_version": RECORD_VERSION,
         "created": now_iso(),
         "stack": stack,
         "tools": tool_versions(),
         "records": [r.file + ".json" for r in records],
+        "skipped_stages": list(skipped or []),
     }
     out = Path(bundle_dir) / "manifest.json"
     atomic_write_text(out, json.dumps(payload, indent=2, default=_json_default) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from voxport.corpus import Corpus
-from voxport.errors import ConfigError, ParityError
+from voxport.errors import ConfigError, ParityError, VoxportError
 from voxport.records import Record
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 class GateError(ParityError):
     """An optimized artifact failed its quality (or speed) gate; `metrics` holds every figure."""
+
+
+class StageSkipped(VoxportError):
+    """A stage that cannot pay off on this host (e.g. bf16 without native bfloat16): no artifact,
+    not a failure. The build logs the reason and lists it in the manifest (`skipped_stages`)."""
 
 
 @dataclass
@@ -38,6 +43,7 @@ class StageContext:
     threads: int = 0  # 0 = engine default
     timing_repeats: int = 5
     cache: dict[str, Any] = field(default_factory=dict)  # per-build memo (e.g. FP32 quality baseline)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # stages that raised StageSkipped
 
     def source(self, component: str) -> Record:
         """The PyTorch FP32 original of a component: the reference for every comparison."""

@@ -146,6 +146,8 @@ def ort_runner(path: Path, threads: int = 0) -> Callable[[Mapping[str, np.ndarra
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # Spinning worker threads would steal the cores PyTorch is timed on in the same process.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     in_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]

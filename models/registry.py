@@ -75,4 +75,14 @@ def save_torch_artifact(module: torch.nn.Module, path: Path) -> Path:
 def load_torch_artifact(path: Path, model: dict[str, Any]) -> torch.nn.Module:
     module = build_module(model)
     load_into(module, load_state_dict(path), source=Path(path).name)
+    if model.get("dynamic_int8"):
+        # A PyTorch dynamic INT8 artifact is FP32 weights + the recipe of layers to quantize
+        # (quantized modules do not load with weights_only=True; see quantize/torch_dynamic.py).
+        from voxport.quantize.torch_dynamic import apply_recipe
+
+        return apply_recipe(module.eval(), model["dynamic_int8"])
+    if model.get("dtype") == "bfloat16":
+        from voxport.quantize.bf16 import to_bf16
+
+        return to_bf16(module)
     return module.eval()

@@ -42,6 +42,9 @@ class VocoderConfig:
 
     padding: "jik876" -> ConvTranspose padding (k - u) // 2 (exact hop * T when k - u is even);
              "mockingbird" -> padding u // 2 + u % 2, output_padding u % 2 (exact for odd u too).
+    resblock_inner_channels: None = full width; else per resblock (in module order), per dilation,
+             the output width of convs1 (= input width of convs2). Structured pruning shrinks
+             these: they sit inside the residual branch, so the block's own width is untouched.
     """
 
     resblock: str
@@ -53,6 +56,7 @@ class VocoderConfig:
     mel: MelConfig
     num_mels: int = 80
     padding: str = "jik876"
+    resblock_inner_channels: tuple[tuple[int, ...], ...] | None = None
     hop_length: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +68,18 @@ class VocoderConfig:
             self, "resblock_dilation_sizes", tuple(tuple(d) for d in self.resblock_dilation_sizes)
         )
         object.__setattr__(self, "hop_length", math.prod(self.upsample_rates))
+        if self.resblock_inner_channels is not None:
+            inner = tuple(tuple(int(c) for c in widths) for widths in self.resblock_inner_channels)
+            object.__setattr__(self, "resblock_inner_channels", inner)
+            if self.resblock != "1":
+                raise ConfigError("resblock_inner_channels needs resblock '1' (convs1 -> convs2 pairs)")
+            n_blocks = len(self.upsample_rates) * len(self.resblock_kernel_sizes)
+            expected = [len(d) for d in self.resblock_dilation_sizes] * len(self.upsample_rates)
+            if [len(w) for w in inner] != expected or n_blocks != len(inner):
+                raise ConfigError(f"resblock_inner_channels must give {n_blocks} blocks with widths per "
+                                  f"dilation {expected}, got {[len(w) for w in inner]}")
+            if any(c < 1 for widths in inner for c in widths):
+                raise ConfigError("resblock_inner_channels must all be >= 1")
         if self.resblock not in ("1", "2"):
             raise ConfigError(f"resblock must be '1' or '2', got {self.resblock!r}")
         if self.padding not in ("jik876", "mockingbird"):
@@ -91,7 +107,7 @@ class VocoderConfig:
             value = getattr(self, f.name)
             if f.name == "mel":
                 value = value.to_dict()
-            elif f.name == "resblock_dilation_sizes":
+            elif f.name == "resblock_dilation_sizes" or (f.name == "resblock_inner_channels" and value):
                 value = [list(d) for d in value]
             elif isinstance(value, tuple):
                 value = list(value)
@@ -130,14 +146,16 @@ def _same_padding(kernel: int, dilation: int) -> int:
 class ResBlock1(nn.Module):
     """Per dilation d: x + conv_1(lrelu(conv_d(lrelu(x))))."""
 
-    def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...]):
+    def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...],
+                 inner: tuple[int, ...] | None = None):
         super().__init__()
+        inner = inner or (channels,) * len(dilations)
         self.convs1 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel, dilation=d, padding=_same_padding(kernel, d))
-            for d in dilations
+            nn.Conv1d(channels, w, kernel, dilation=d, padding=_same_padding(kernel, d))
+            for d, w in zip(dilations, inner, strict=True)
         )
         self.convs2 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel, padding=_same_padding(kernel, 1)) for _ in dilations
+            nn.Conv1d(w, channels, kernel, padding=_same_padding(kernel, 1)) for w in inner
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,12 +197,13 @@ class HiFiGANGenerator(nn.Module):
             self.ups.append(
                 nn.ConvTranspose1d(ch >> i, ch >> (i + 1), k, u, padding=pad, output_padding=out_pad)
             )
-        block = ResBlock1 if cfg.resblock == "1" else ResBlock2
-        self.resblocks = nn.ModuleList(
-            block(ch >> (i + 1), k, d)
-            for i in range(len(self.ups))
-            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
-        )
+        levels = [(ch >> (i + 1), k, d) for i in range(len(self.ups))
+                  for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)]
+        if cfg.resblock == "1":
+            inner = cfg.resblock_inner_channels or (None,) * len(levels)
+            self.resblocks = nn.ModuleList(ResBlock1(c, k, d, w) for (c, k, d), w in zip(levels, inner, strict=True))
+        else:
+            self.resblocks = nn.ModuleList(ResBlock2(c, k, d) for c, k, d in levels)
         self.conv_post = nn.Conv1d(ch >> len(self.ups), 1, 7, padding=3)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ one serves, and why, is logged and available from `served`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,11 @@ from voxport.models.audio import MelConfig
 from voxport.models.synthesizer import SynthesizerConfig
 from voxport.models.synthesizer_loop import run_host_loop
 from voxport.records import Record, read_bundle
-from voxport.runtime.backends import Backend, open_backend
-from voxport.runtime.select import select
+from voxport.runtime import streaming
+from voxport.runtime.backends import Backend, open_first
+from voxport.runtime.controls import TimeResampler, mel_floor, shift_pitch
+from voxport.runtime.host import Host, detect
+from voxport.runtime.select import DEFAULT_PREFERENCE, ranked
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +61,17 @@ class Served:
 
 def open_graph(
     records: Sequence[Record], bundle_dir: Path, component: str, graph: str,
-    preference: Sequence[str], strict: bool = False, threads: int = 0,
+    preference: Sequence[str], strict: bool = False, threads: int = 0, host: Host | None = None,
 ) -> tuple[Backend, Served]:
-    """Select and load the artifact serving one graph; log what serves it and why."""
-    record, reason = select(records, component, graph, preference, strict=strict)
-    options = {"intra_op_threads": threads} if record.format == "onnx" else {}
-    backend = open_backend(record, bundle_dir, graph=graph, **options)
+    """Select and load the artifact serving one graph; log what serves it and why.
+
+    Choices are tried in order: one that fails to load (sha256 changed, ONNX Runtime fell back
+    from CUDA, engine refused) gives way to the next, and the reason says so; `strict` does not.
+    """
+    host = host or detect()
+    choices = ranked(records, component, graph, host, preference, strict=strict)
+    backend, choice, reason = open_first(choices, bundle_dir, graph, host, threads, strict)
+    record = choice.record
     served = Served(f"{component}/{graph}", record.file, record.format, record.precision,
                     record.weights, record.sha256, tuple(backend.providers), reason)
     log.info("%s served by %s (%s %s) on %s: %s", served.key, record.file, record.format,
@@ -73,11 +82,11 @@ def open_graph(
 class VocoderOnly:
     """Just the vocoder of a bundle: copy synthesis (`voxport vocode`) and benchmarks."""
 
-    def __init__(self, bundle_dir: str | Path, preference: Sequence[str] = ("onnx", "torch"),
-                 strict: bool = False, threads: int = 0) -> None:
+    def __init__(self, bundle_dir: str | Path, preference: Sequence[str] = DEFAULT_PREFERENCE,
+                 strict: bool = False, threads: int = 0, host: Host | None = None) -> None:
         records = read_bundle(Path(bundle_dir))
         self._backend, self.served = open_graph(
-            records, Path(bundle_dir), "vocoder", "vocoder", preference, strict, threads
+            records, Path(bundle_dir), "vocoder", "vocoder", preference, strict, threads, host
         )
         source = next(r for r in records if r.component == "vocoder" and r.stage == "source")
         self.mel_cfg = MelConfig.from_dict(source.contract["mel"])
@@ -90,17 +99,18 @@ class VocoderOnly:
 
 class VoiceCloner:
     def __init__(
-        self, bundle_dir: str | Path, preference: Sequence[str] = ("onnx", "torch"),
-        strict: bool = False, threads: int = 0,
+        self, bundle_dir: str | Path, preference: Sequence[str] = DEFAULT_PREFERENCE,
+        strict: bool = False, threads: int = 0, host: Host | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         records = read_bundle(self.bundle_dir)
+        host = host or detect()  # probed once for all graphs
         self._backends: dict[str, Backend] = {}
         self.served: dict[str, Served] = {}
         for component, graph in GRAPHS:
             key = f"{component}/{graph}"
             self._backends[key], self.served[key] = open_graph(
-                records, self.bundle_dir, component, graph, preference, strict, threads
+                records, self.bundle_dir, component, graph, preference, strict, threads, host
             )
         by_component = {r.component: r for r in records if r.stage == "source"}
         self.encoder_cfg = se.SpeakerEncoderConfig.from_dict(by_component["speaker_encoder"].model["config"])
@@ -120,34 +130,99 @@ class VoiceCloner:
         mean = partials.mean(axis=0)
         return (mean / np.linalg.norm(mean)).astype(np.float32)
 
-    def synthesize(
-        self, text: str, embedding: np.ndarray, style_idx: int = 0, seed: int = 0,
-        max_decoder_steps: int | None = None,
-    ) -> np.ndarray:
-        """Text + embedding -> mel (n_mels, T), fragments concatenated in time."""
+    def _check_embedding(self, embedding: np.ndarray) -> np.ndarray:
         embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
         if embedding.shape[0] != self.synth_cfg.speaker_embedding_dim or not np.isfinite(embedding).all():
             raise ConfigError(
                 f"speaker embedding must hold {self.synth_cfg.speaker_embedding_dim} finite values"
             )
+        return embedding
+
+    def synthesize(
+        self, text: str, embedding: np.ndarray, style_idx: int = 0, seed: int = 0,
+        max_decoder_steps: int | None = None, min_stop_token: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> np.ndarray:
+        """Text + embedding -> mel (n_mels, T), fragments concatenated in time.
+
+        min_stop_token: stop once the stop probability exceeds it (default: the bundle's, 0.5);
+        should_stop: checked before every decoder step, raises `streaming.Cancelled` when true.
+        """
+        embedding = self._check_embedding(embedding)
         fragments = text_frontend.encode_text(text, self.synth_cfg.n_symbols)
+        cfg = self.synth_cfg if min_stop_token is None else dataclasses.replace(
+            self.synth_cfg, min_stop_token=float(min_stop_token))
         generator = torch.Generator().manual_seed(seed)
+        decoder_step = self._backends["synthesizer/decoder_step"].infer
+        if should_stop is not None:
+            run_step = decoder_step
+
+            def decoder_step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                if should_stop():
+                    raise streaming.Cancelled("synthesis cancelled")
+                return run_step(feeds)
+
         mels = []
         for ids in fragments:
             result = run_host_loop(
-                self._backends["synthesizer/encoder"].infer,
-                self._backends["synthesizer/decoder_step"].infer,
+                self._backends["synthesizer/encoder"].infer, decoder_step,
                 self._backends["synthesizer/postnet"].infer,
                 np.asarray([ids], dtype=np.int64), embedding[None], np.asarray([style_idx], dtype=np.int64),
-                generator, self.synth_cfg, max_decoder_steps=max_decoder_steps,
+                generator, cfg, max_decoder_steps=max_decoder_steps,
             )
             mels.append(result.trimmed()[0])
         return np.concatenate(mels, axis=1)
+
+    def stream(
+        self, text: str, embedding: np.ndarray, style_idx: int = 0, seed: int = 0,
+        max_decoder_steps: int | None = None, min_stop_token: float | None = None,
+        rate: float = 1.0, pitch_semitones: float = 0.0,
+        vocode: Callable[[np.ndarray], np.ndarray] | None = None,
+        stream_cfg: streaming.StreamConfig | None = None, should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Waveform chunks (float32 at `sample_rate`) as the decoder produces frames.
+
+        The host loop runs step by step; postnet and vocoder run on overlapping windows whose
+        overlap is trimmed (see runtime/streaming.py). `vocode` replaces `self.vocode` (the
+        service passes its batching vocoder). Text and embedding are checked before any work.
+        """
+        embedding = self._check_embedding(embedding)
+        fragments = text_frontend.encode_text(text, self.synth_cfg.n_symbols)
+        scfg = stream_cfg or streaming.StreamConfig()
+        generator = torch.Generator().manual_seed(seed)
+        steps = max_decoder_steps or self.synth_cfg.max_decoder_steps
+        stop = self.synth_cfg.min_stop_token if min_stop_token is None else float(min_stop_token)
+        resampler = TimeResampler(rate)
+        shift_pitch(np.zeros((self.mel_cfg.n_mels, 0), np.float32), pitch_semitones, self.mel_cfg)  # validate
+
+        def mels() -> Iterator[np.ndarray]:
+            for ids in fragments:
+                frames = streaming.decoder_frames(
+                    self._backends["synthesizer/encoder"].infer, self._backends["synthesizer/decoder_step"].infer,
+                    ids, embedding, style_idx, generator, self.synth_cfg, steps, stop, should_stop)
+                for mel in streaming.postnet_frames(frames, self._backends["synthesizer/postnet"].infer,
+                                                    self.synth_cfg.stop_threshold, scfg):
+                    yield shift_pitch(resampler.push(mel), pitch_semitones, self.mel_cfg)
+            yield shift_pitch(resampler.flush(), pitch_semitones, self.mel_cfg)
+
+        yield from streaming.vocoded_chunks(mels(), vocode or self.vocode, self.mel_cfg.hop_length, scfg)
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """mel (n_mels, T) -> float32 waveform at `sample_rate`."""
         wav = self._backends["vocoder/vocoder"].infer({"mel": mel[None].astype(np.float32)})["wav"]
         return wav.reshape(-1)
+
+    def vocode_batch(self, mels: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Several mels in one vocoder call: padded to the longest with the silence floor, each
+        output cut back to hop·T_i samples. The padding changes the last few samples of the
+        shorter items slightly (the vocoder's receptive field reaches past their end)."""
+        longest = max(m.shape[1] for m in mels)
+        batch = np.full((len(mels), self.mel_cfg.n_mels, longest), mel_floor(self.mel_cfg), dtype=np.float32)
+        for i, mel in enumerate(mels):
+            batch[i, :, : mel.shape[1]] = mel
+        wav = self._backends["vocoder/vocoder"].infer({"mel": batch})["wav"].reshape(len(mels), -1)
+        hop = self.mel_cfg.hop_length
+        return [wav[i, : hop * mel.shape[1]].copy() for i, mel in enumerate(mels)]
 
     def clone(self, reference: np.ndarray, reference_sr: int, text: str, **options: Any) -> np.ndarray:
         if reference.size == 0:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from voxport.errors import ConfigError
+from voxport.errors import BackendUnavailable, ConfigError
 from voxport.records import Record
 from voxport.runtime.backends.base import Backend
+from voxport.runtime.host import Host
+from voxport.runtime.select import Selection
+
+log = logging.getLogger(__name__)
 
 
 def open_backend(record: Record, bundle_dir: Path, graph: str | None = None, **options) -> Backend:
@@ -29,4 +36,31 @@ def open_backend(record: Record, bundle_dir: Path, graph: str | None = None, **o
     return backend
 
 
-__all__ = ["Backend", "open_backend"]
+def open_first(choices: Sequence[Selection], bundle_dir: Path, graph: str, host: Host, threads: int = 0,
+               strict: bool = False) -> tuple[Backend, Selection, str]:
+    """Load the first of `choices` (from runtime/select.py `ranked`) that loads on this host.
+
+    One that fails (sha256 changed, ONNX Runtime fell back from CUDA, engine refused) gives way to
+    the next, and the returned reason says which were refused and why; `strict` raises instead.
+    """
+    refused: list[str] = []
+    for choice in choices:
+        record = choice.record
+        options: dict[str, Any] = {}
+        if record.format == "onnx":
+            options = {"intra_op_threads": threads, "providers": choice.providers}
+        elif record.format == "trt":
+            options = {"host": host}
+        try:
+            backend = open_backend(record, bundle_dir, graph=graph, **options)
+        except BackendUnavailable as exc:
+            if strict:
+                raise
+            log.warning("%s/%s: %s refused: %s", record.component, graph, record.file, exc)
+            refused.append(f"{record.file} refused: {exc}")
+            continue
+        return backend, choice, choice.reason + (f" [{'; '.join(refused)}]" if refused else "")
+    raise BackendUnavailable(f"graph '{graph}': no artifact could be loaded: {'; '.join(refused) or 'no choices'}")
+
+
+__all__ = ["Backend", "open_backend", "open_first"]

@@ -50,6 +50,9 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = self._inter
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # No busy-waiting workers: on small hosts they starve the other engines (and requests)
+        # sharing the cores; the latency they save is below our per-call timings.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), sess_options=opts, providers=self._requested)
         actual = session.get_providers()
         if actual[: len(self._requested)] != self._requested:

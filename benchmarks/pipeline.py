@@ -1,0 +1,103 @@
+"""End-to-end rows (reference clip + text -> waveform) and time to first audio, per preference.
+
+One `VoiceCloner` per job serves both, with the artifacts it picks for that preference order.
+End to end is `VoiceCloner.clone`: speaker-encoder front end (resample, VAD, partial mels) and
+graph, text front end, synthesizer host loop until the stop token or the decoder-step cap of that
+length, postnet, vocoder. Its RTF divides by the seconds of waveform that came out.
+
+Time to first audio: reference embedding, then the first chunk of `VoiceCloner.stream` (the
+runtime's streaming path: decoder step by step, windowed postnet and vocoder). Where the runtime
+has no `stream`, it is emulated by what a streaming path could not avoid before its first sound:
+embedding, synthesizer encoder, the first N decoder steps covering `first_chunk_s`, the postnet
+over those frames, and vocoding them; the row's `input.ttfa_method` says which was measured.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxport.benchmarks.inputs import BenchInputs
+from voxport.benchmarks.worker import _status_mb, cuda_sync, measure, peak_rss_mb, reset_peak
+
+
+def pipeline_job(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a `pipeline` job: end to end per `lengths`, time to first audio per `ttfa_lengths`."""
+    from voxport.runtime.cloner import VoiceCloner
+
+    preference, threads = list(job["preference"]), int(job["threads"])
+    inputs = BenchInputs.load(Path(job["inputs"]))
+    reference, seed, meta = inputs.arrays["reference16"], int(inputs.meta["seed"]), inputs.meta
+    before = _status_mb("VmRSS")
+    reset_peak()
+    start = time.perf_counter()
+    cloner = VoiceCloner(Path(job["bundle"]), preference=preference, threads=threads)
+    load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
+    served = {k: s.as_dict() for k, s in cloner.served.items()}
+    providers = sorted({p for s in served.values() for p in s["providers"]})
+    on_gpu = any(s["format"] == "trt" for s in served.values()) or "CUDAExecutionProvider" in providers
+    device = "cuda" if on_gpu else "cpu"
+    sync = cuda_sync(device)
+    common = {
+        "component": "pipeline", "file": None, "format": _joined(served, "format"),
+        "precision": _joined(served, "precision"), "stage": None, "sparsity": None,
+        "weights": _joined(served, "weights"), "device": device, "backend": ">".join(preference),
+        "preference": preference, "served": {k: s["file"] for k, s in served.items()}, "providers": providers,
+        "threads": threads, "warmup": int(job["warmup"]), "load_s": load_s, "load_peak_rss_mb": load_peak,
+        "baseline_rss_mb": before,
+    }
+    rows = []
+    try:
+        for kind, labels in (("e2e", job["lengths"]), ("ttfa", job["ttfa_lengths"])):
+            for label in labels:
+                m = meta["lengths"][label]
+                steps = int(m["decoder_steps"])
+                described: dict[str, Any] = {"reference": meta["reference"], "text": m["text"],
+                                             "max_decoder_steps": steps}
+                if kind == "e2e":
+                    def call(text: str = m["text"], steps: int = steps) -> np.ndarray:
+                        return cloner.clone(reference, 16000, text, style_idx=0, seed=seed, max_decoder_steps=steps)
+
+                    figures = measure(call, None, {**job, "sample_rate": cloner.sample_rate}, sync)
+                else:
+                    first, method = first_chunk_fn(cloner, reference, m["text"], steps, seed, job, meta)
+                    figures = measure(first, 0.0, job, sync)
+                    chunk_s = float(first().size) / cloner.sample_rate
+                    figures |= {"audio_s": None, "rtf": None, "rtf_p95": None, "x_realtime": None}
+                    described |= {"ttfa_method": method, "first_chunk_s": chunk_s}
+                rows.append({"id": f"{kind} | {'>'.join(preference)} | {device} | {label}", "kind": kind,
+                             "graph": kind, "length": label, "input": described, **common, **figures})
+    finally:
+        cloner.close()
+    return rows
+
+
+def first_chunk_fn(cloner: Any, reference: np.ndarray, text: str, steps: int, seed: int, job: dict[str, Any],
+                   meta: dict[str, Any]) -> tuple[Any, str]:
+    """(call returning the first waveform chunk, "stream" | "emulated"); see the module docstring."""
+    if hasattr(cloner, "stream"):
+        def first() -> np.ndarray:
+            chunks = cloner.stream(text, cloner.embed(reference, 16000), style_idx=0, seed=seed,
+                                   max_decoder_steps=steps)
+            try:
+                return next(iter(chunks))
+            finally:
+                getattr(chunks, "close", lambda: None)()
+
+        return first, "stream"
+    chunk_steps = min(steps, math.ceil(float(job["first_chunk_s"]) / meta["frame_s"] / meta["r"]))
+
+    def emulated() -> np.ndarray:
+        mel = cloner.synthesize(text, cloner.embed(reference, 16000), style_idx=0, seed=seed,
+                                max_decoder_steps=chunk_steps)
+        return cloner.vocode(mel)
+
+    return emulated, "emulated"
+
+
+def _joined(served: dict[str, dict[str, Any]], key: str) -> str:
+    return "+".join(sorted({s[key] for s in served.values()}))

@@ -1,0 +1,87 @@
+"""The settings of every quantization stage: conf `quantize` merged with the stage entry.
+
+One dataclass for the static, dynamic and search settings, because Hydra composes them as one
+node (`quantize.calibration=entropy` must reach the static stage, `quantize.engine=torch` the
+dynamic one); every value is checked here, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from voxport.errors import ConfigError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+SEARCHES = ("none", "bisect", "greedy")
+RANK_BY = ("error", "error_per_mac")
+ENGINES = ("onnxruntime", "torch")
+INT8_TYPES = ("int8", "uint8")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    # Static INT8 (ONNX Runtime QDQ)
+    calibration: str = "percentile"
+    percentile: float = 99.999
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights: avoids U8S8 saturation on CPUs without VNNI
+    calibration_clips: int = 8
+    crop_seconds: float = 1.0  # ORT's histogram calibrators need every input the same length
+    op_types: tuple[str, ...] = ("Conv",)
+    exclude_op_types: tuple[str, ...] = ("ConvTranspose",)
+    exclude_nodes: tuple[str, ...] = ()
+    keep_output_layer_float: bool = True
+    weight_type: str = "int8"
+    activation_type: str = "uint8"
+    # Mixed precision search
+    search: str = "greedy"
+    rank_by: str = "error_per_mac"  # the search maximises speed: favour layers with the most compute
+    rank_clips: int = 2
+    rank_seconds: float = 0.4
+    search_clips: int = 4
+    search_seconds: float = 1.5
+    search_margin: float = 0.7  # fraction of the gate the search must meet on calibration clips
+    search_max_trials: int = 12
+    gate_seconds: float = 3.0  # held-out clips of the final gate are cropped to this
+    # Dynamic INT8
+    engine: str = "onnxruntime"
+    dynamic_op_types: tuple[str, ...] = ("LSTM", "MatMul", "Gemm")
+    texts: tuple[str, ...] = ("Voice cloning turns a few seconds of speech into a new voice.",)  # synthesizer gate
+    # From the stage entry and the build
+    graph: str = ""
+    timing_seconds: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("op_types", "exclude_op_types", "exclude_nodes", "dynamic_op_types", "texts"):
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name) or ()))
+        checks = [("calibration", CALIBRATION_METHODS), ("search", SEARCHES), ("rank_by", RANK_BY),
+                  ("engine", ENGINES), ("weight_type", INT8_TYPES), ("activation_type", INT8_TYPES)]
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"quantize.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"quantize.percentile must be in (0, 100], got {self.percentile}")
+        if not 0.0 < self.search_margin <= 1.0:
+            raise ConfigError(f"quantize.search_margin must be in (0, 1], got {self.search_margin}")
+        for name in ("calibration_clips", "rank_clips", "search_clips"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"quantize.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("crop_seconds", "rank_seconds", "search_seconds", "gate_seconds", "timing_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"quantize.{name} must be > 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any] | QuantizeConfig) -> QuantizeConfig:
+        if isinstance(cfg, QuantizeConfig):
+            return cfg
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"unknown quantize setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**dict(cfg))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

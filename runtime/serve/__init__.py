@@ -1,0 +1,1 @@
+"""The voice-cloning HTTP service (`voxport serve`): FastAPI app, voice library, batching engine."""

@@ -1,0 +1,238 @@
+"""Inference for the service: a bounded worker pool, admission control, timeouts, batching.
+
+A request is admitted only while fewer than `workers + queue_size` are admitted; otherwise it
+gets `Overloaded` (503 + Retry-After) at once, before any work. An admitted request holds its slot
+until its worker has really finished, so the count is honest even after a timeout. Timeouts and
+client disconnects set a flag the synthesizer checks before every decoder step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from voxport.errors import VoxportError
+from voxport.runtime.cloner import VoiceCloner
+from voxport.runtime.controls import apply_controls
+from voxport.runtime.serve.batching import VocoderBatcher
+from voxport.runtime.serve.settings import ServeSettings
+from voxport.runtime.serve.telemetry import Telemetry
+from voxport.runtime.streaming import Cancelled
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+StopCheck = Callable[[], bool]
+
+
+class Overloaded(VoxportError):
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(VoxportError):
+    pass
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Per-request synthesis settings, already validated by the API layer."""
+
+    style_idx: int = 0
+    seed: int = 0
+    speaking_rate: float = 1.0
+    pitch_semitones: float = 0.0
+    stop_threshold: float | None = None  # stop-token probability; None: the bundle's (0.5)
+    max_decoder_steps: int | None = None
+
+
+class _Slot:
+    def __init__(self, engine: Engine) -> None:
+        self._engine, self._held = engine, True
+
+    def release(self) -> None:
+        with self._engine._lock:
+            if self._held:
+                self._held = False
+                self._engine._inflight -= 1
+                self._engine.telemetry.queue_depth.set(self._engine._inflight)
+
+
+class Engine:
+    def __init__(self, cloner: VoiceCloner, settings: ServeSettings, telemetry: Telemetry) -> None:
+        self.cloner, self.settings, self.telemetry = cloner, settings, telemetry
+        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="voxport-infer")
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._latencies: deque[float] = deque(maxlen=32)
+
+        def on_batch(size: int, seconds: float) -> None:
+            telemetry.vocoder_batch.observe(size)
+            telemetry.vocoder_queue.set(self.batcher.depth)
+
+        self.batcher = VocoderBatcher(cloner.vocode_batch, settings.vocoder_max_batch,
+                                      settings.vocoder_window_ms / 1000.0, on_batch=on_batch)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def _admit(self) -> _Slot:
+        with self._lock:
+            if self._inflight >= self.settings.capacity:
+                self.telemetry.rejected.inc()
+                raise Overloaded(f"server at capacity ({self.settings.capacity} requests admitted); retry later",
+                                 self.retry_after())
+            self._inflight += 1
+            self.telemetry.queue_depth.set(self._inflight)
+        return _Slot(self)
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: recent mean latency × queued rounds, at least 1."""
+        mean = sum(self._latencies) / len(self._latencies) if self._latencies else 1.0
+        rounds = max(1, math.ceil(self._inflight / self.settings.workers))
+        return max(1, min(120, math.ceil(mean * rounds)))
+
+    def _stopper(self) -> tuple[threading.Event, StopCheck]:
+        cancel = threading.Event()
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        return cancel, lambda: cancel.is_set() or time.monotonic() > deadline
+
+    async def run(self, fn: Callable[[StopCheck], T]) -> T:
+        """Run `fn(should_stop)` on the pool within the request timeout."""
+        slot = self._admit()
+        cancel, should_stop = self._stopper()
+        start = time.perf_counter()
+
+        def job() -> T:
+            try:
+                return fn(should_stop)
+            finally:
+                slot.release()
+
+        future = self._pool.submit(job)
+        future.add_done_callback(lambda _: slot.release())  # also when cancelled before it ran
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), self.settings.request_timeout_s)
+        except (asyncio.TimeoutError, Cancelled):
+            cancel.set()
+            raise RequestTimeout(f"the request took longer than {self.settings.request_timeout_s:g} s") from None
+        except BaseException:
+            cancel.set()
+            raise
+        self._latencies.append(time.perf_counter() - start)
+        return result
+
+    async def open_stream(self, fn: Callable[[StopCheck], Iterator[bytes]]) -> AsyncIterator[bytes]:
+        """Start `fn(should_stop)` (a generator) on the pool; returns once its first item exists.
+
+        Errors before the first item raise here (so they become a 4xx status); later ones abort
+        the response. Closing the returned iterator (client gone) stops the worker.
+        """
+        slot = self._admit()
+        cancel, should_stop = self._stopper()
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def post(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+
+        def job() -> None:
+            try:
+                for chunk in fn(should_stop):
+                    post("data", chunk)
+                outcome: tuple[str, Any] = ("end", None)
+            except BaseException as exc:  # handed to the response side, which raises it
+                outcome = ("error", exc)
+            finally:
+                slot.release()  # before "end", so a client's next request finds the slot free
+            post(*outcome)
+
+        future = self._pool.submit(job)
+        future.add_done_callback(lambda _: slot.release())
+        try:
+            kind, first = await asyncio.wait_for(items.get(), self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            cancel.set()
+            raise RequestTimeout(f"no audio within the request timeout of {self.settings.request_timeout_s:g} s") \
+                from None
+        except BaseException:
+            cancel.set()
+            raise
+        if kind == "error":
+            if isinstance(first, Cancelled):
+                raise RequestTimeout("the stream was cancelled (request timeout)")
+            raise first
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                if kind == "data":
+                    yield first
+                    while True:
+                        next_kind, value = await items.get()
+                        if next_kind == "data":
+                            yield value
+                        elif next_kind == "error":
+                            # Headers are sent: the failure can only abort the response, which a
+                            # client sees as an incomplete chunked body, never as a short success.
+                            self.telemetry.errors.labels("stream_aborted").inc()
+                            raise value
+                        else:
+                            break
+            finally:
+                cancel.set()
+
+        return rest()
+
+    # ------------------------------------------------------------------ pipeline steps (workers)
+
+    def embed(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
+        with self.telemetry.stage("embed"):
+            return self.cloner.embed(wav, sample_rate)
+
+    def mel(self, text: str, embedding: np.ndarray, c: Controls, should_stop: StopCheck) -> np.ndarray:
+        with self.telemetry.stage("synthesize"):
+            mel = self.cloner.synthesize(text, embedding, style_idx=c.style_idx, seed=c.seed,
+                                         max_decoder_steps=c.max_decoder_steps, min_stop_token=c.stop_threshold,
+                                         should_stop=should_stop)
+        with self.telemetry.stage("controls"):
+            return apply_controls(mel, c.speaking_rate, c.pitch_semitones, self.cloner.mel_cfg)
+
+    def vocode_many(self, mels: list[np.ndarray]) -> list[np.ndarray]:
+        """Vocode several mels through the batcher at once (they may share one vocoder call)."""
+        with self.telemetry.stage("vocode"):
+            futures = [self.batcher.submit(m) for m in mels]
+            return [f.result(timeout=self.settings.request_timeout_s) for f in futures]
+
+    def synthesize(self, texts: list[str], embedding: np.ndarray, c: Controls,
+                   should_stop: StopCheck) -> list[np.ndarray]:
+        """Texts for one voice -> waveforms (synthesized in turn, vocoded together)."""
+        mels = [self.mel(text, embedding, c, should_stop) for text in texts]
+        if should_stop():
+            raise Cancelled("synthesis cancelled")
+        return self.vocode_many(mels)
+
+    def stream(self, text: str, embedding: np.ndarray, c: Controls, should_stop: StopCheck) -> Iterator[np.ndarray]:
+        def vocode(mel: np.ndarray) -> np.ndarray:
+            with self.telemetry.stage("vocode_chunk"):
+                return self.batcher.vocode(mel, timeout=self.settings.request_timeout_s)
+
+        return self.cloner.stream(text, embedding, style_idx=c.style_idx, seed=c.seed,
+                                  max_decoder_steps=c.max_decoder_steps, min_stop_token=c.stop_threshold,
+                                  rate=c.speaking_rate, pitch_semitones=c.pitch_semitones, vocode=vocode,
+                                  stream_cfg=self.settings.stream, should_stop=should_stop)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()

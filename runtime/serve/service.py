@@ -1,0 +1,197 @@
+"""The service's state and the request-level checks shared by the routes.
+
+A voice is always the one asked for: an uploaded reference, a stored `voice_id` or a client's
+embedding. Asking for none is an error, an unknown id is 404; there is no default voice.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxport.errors import ConfigError
+from voxport.models import text as text_frontend
+from voxport.runtime.cloner import VoiceCloner
+from voxport.runtime.serve.engine import Controls, Engine, StopCheck
+from voxport.runtime.serve.library import VoiceLibrary, check_voice_id, embedding_sha256
+from voxport.runtime.serve.schemas import SynthesisControls
+from voxport.runtime.serve.settings import ServeSettings
+from voxport.runtime.serve.telemetry import Telemetry
+from voxport.runtime.serve.uploads import UploadError, read_reference
+
+log = logging.getLogger(__name__)
+
+SEEDED_NOTE = "{} weights are seeded (untrained): the output is not speech"
+
+
+class RequestError(ConfigError):
+    """A request that cannot be served as given (422 unless `status` says otherwise)."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class VoiceSource:
+    """Where a request's voice comes from: exactly one of reference bytes, a voice id, an embedding."""
+
+    label: str  # "voice:<id>", "upload" or "embedding"
+    voice_id: str | None = None
+    reference: bytes | None = None
+    embedding: np.ndarray | None = None
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header for a stream of unknown length (RIFF and data sizes 0xFFFFFFFF)."""
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", unknown))
+
+
+def pcm16(wav: np.ndarray) -> bytes:
+    return (np.round(np.clip(wav, -1.0, 1.0) * 32767.0)).astype("<i2").tobytes()
+
+
+class Service:
+    def __init__(self, settings: ServeSettings, cloner: VoiceCloner | None = None) -> None:
+        self.settings = settings
+        preference = {"preference": settings.preference} if settings.preference else {}
+        self._owns_cloner = cloner is None  # a cloner passed in (tests, embedding) is the caller's to close
+        self.cloner = cloner or VoiceCloner(settings.bundle_dir, strict=settings.strict, threads=settings.threads,
+                                            **preference)
+        self.telemetry = Telemetry()
+        self.engine = Engine(self.cloner, settings, self.telemetry)
+        self.library = VoiceLibrary(settings.voices_dir, settings.limits.max_voices, settings.limits.max_library_bytes)
+        self.sample_rate = self.cloner.sample_rate
+        self.encoder_rate = self.cloner.encoder_cfg.sample_rate
+        self.embedding_dim = self.cloner.synth_cfg.speaker_embedding_dim
+        self.weights = dict(self.cloner.weights)
+        self.warnings = [SEEDED_NOTE.format(c) for c, w in sorted(self.weights.items()) if w == "seeded"]
+        self.encoder_sha = self.cloner.served["speaker_encoder/speaker_encoder"].sha256
+        self.default_steps = settings.default_max_decoder_steps or self.cloner.synth_cfg.max_decoder_steps
+        for warning in self.warnings:
+            log.warning("%s", warning)
+
+    # ----------------------------------------------------------------- checks
+
+    def check_text(self, text: str) -> str:
+        limit = self.settings.limits.max_text_chars
+        if len(text) > limit:
+            raise RequestError(f"text is {len(text)} characters; at most {limit} are accepted")
+        if not text.strip():
+            raise RequestError("text is empty")
+        text_frontend.encode_text(text, self.cloner.synth_cfg.n_symbols)  # ConfigError -> 422
+        return text
+
+    def controls(self, form: SynthesisControls) -> Controls:
+        cap = self.settings.limits.max_decoder_steps
+        steps = form.max_decoder_steps or min(self.default_steps, cap)
+        if steps > cap:
+            raise RequestError(f"max_decoder_steps is {steps}; this server allows at most {cap}")
+        return Controls(style_idx=form.style_idx, seed=form.seed, speaking_rate=form.speaking_rate,
+                        pitch_semitones=form.pitch_semitones, stop_threshold=form.stop_threshold,
+                        max_decoder_steps=steps)
+
+    def check_embedding(self, values: list[float]) -> np.ndarray:
+        embedding = np.asarray(values, dtype=np.float32)
+        if embedding.shape != (self.embedding_dim,):
+            raise RequestError(f"embedding has {embedding.size} values; this bundle's encoder makes "
+                               f"{self.embedding_dim}")
+        if not np.isfinite(embedding).all():  # float32 overflow of huge finite JSON numbers
+            raise RequestError("embedding holds values that are not finite as float32")
+        if not np.any(embedding):
+            raise RequestError("embedding is all zeros: that is no voice")
+        return embedding
+
+    def check_upload_size(self, data: bytes) -> bytes:
+        if len(data) > self.settings.limits.max_upload_bytes:
+            raise UploadError(413, f"upload too large: {len(data)} bytes; at most "
+                                   f"{self.settings.limits.max_upload_bytes} are accepted")
+        return data
+
+    def voice(self, reference: bytes | None, voice_id: str | None) -> VoiceSource:
+        """Exactly one of an uploaded reference and a stored voice id."""
+        if reference is not None and voice_id:
+            raise RequestError("give either a `reference` upload or a `voice_id`, not both")
+        if voice_id:
+            voice_id = check_voice_id(voice_id)
+            return VoiceSource(f"voice:{voice_id}", voice_id=voice_id, embedding=self.library.embedding(voice_id))
+        if reference is None:
+            raise RequestError("a voice is required: upload `reference` audio or give a stored `voice_id` "
+                               "(there is no default voice)")
+        return VoiceSource("upload", reference=self.check_upload_size(reference))
+
+    # ------------------------------------------------------------ worker side
+
+    def reference(self, data: bytes):
+        with self.telemetry.stage("decode_audio"):
+            limits = self.settings.limits
+            return read_reference(data, self.encoder_rate, limits.max_upload_bytes, limits.max_clip_seconds)
+
+    def embedding_of(self, source: VoiceSource) -> np.ndarray:
+        """Runs on a worker: the stored/given embedding, or the upload decoded and embedded."""
+        if source.embedding is not None:
+            return source.embedding
+        assert source.reference is not None
+        ref = self.reference(source.reference)
+        return self.engine.embed(ref.wav, ref.sample_rate)
+
+    def stream_items(self, text: str, source: VoiceSource, controls: Controls,
+                     should_stop: StopCheck) -> Iterator[Any]:
+        """First the response headers (a dict), then WAV bytes: header + PCM chunks."""
+        embedding = self.embedding_of(source)
+        yield self.audio_headers(source, embedding)
+        first = True
+        for chunk in self.engine.stream(text, embedding, controls, should_stop):
+            yield (wav_stream_header(self.sample_rate) if first else b"") + pcm16(chunk)
+            first = False
+
+    # --------------------------------------------------------------- responses
+
+    def audio_headers(self, source: VoiceSource, embedding: np.ndarray) -> dict[str, str]:
+        headers = {
+            "X-Voxport-Voice": source.label,
+            "X-Voxport-Embedding-Sha256": embedding_sha256(embedding),
+            "X-Voxport-Sample-Rate": str(self.sample_rate),
+        }
+        return {**headers, **self.weight_headers()}
+
+    def weight_headers(self) -> dict[str, str]:
+        headers = {"X-Voxport-Weights": ",".join(f"{c}={w}" for c, w in sorted(self.weights.items()))}
+        if self.warnings:
+            headers["X-Voxport-Warning"] = "; ".join(self.warnings)
+        return headers
+
+    def health(self) -> dict[str, Any]:
+        components: dict[str, Any] = {}
+        backends = {"onnx": "onnxruntime", "torch": "torch", "trt": "tensorrt"}
+        for key, served in self.cloner.served.items():
+            component, graph = key.split("/", 1)
+            entry = components.setdefault(component, {"weights": self.weights.get(component), "graphs": {}})
+            entry["graphs"][graph] = {**served.as_dict(), "backend": backends.get(served.format, served.format)}
+        count, size = self.library.stats()
+        limits = self.settings.limits
+        return {
+            "status": "ok", "bundle_dir": str(Path(self.settings.bundle_dir)), "sample_rate": self.sample_rate,
+            "embedding_dim": self.embedding_dim, "weights": self.weights, "warnings": self.warnings,
+            "components": components,
+            "capacity": {"workers": self.settings.workers, "queue_size": self.settings.queue_size,
+                         "in_flight": self.engine.inflight},
+            "library": {"voices": count, "bytes": size, "max_voices": limits.max_voices,
+                        "max_bytes": limits.max_library_bytes},
+            "limits": {**limits.__dict__, "default_max_decoder_steps": self.default_steps},
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+        self.library.close()
+        if self._owns_cloner:
+            self.cloner.close()

@@ -1,0 +1,90 @@
+"""Service settings: the `serve:` node of conf/config.yaml as a validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voxport.errors import ConfigError
+from voxport.runtime.streaming import StreamConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 10 * 1024 * 1024  # a larger request body or file gets 413
+    max_clip_seconds: float = 30.0  # longest reference clip accepted (before VAD trimming)
+    max_text_chars: int = 500
+    max_batch_texts: int = 16
+    max_decoder_steps: int = 1000  # cap on the per-request max_decoder_steps
+    max_voices: int = 100  # voice library: count and bytes, least-recently-used evicted beyond
+    max_library_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    bundle_dir: Path
+    voices_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    preference: tuple[str, ...] = ()  # empty: runtime/select.py's default order
+    strict: bool = False
+    workers: int = 2  # inference threads
+    threads: int = 1  # intra-op threads per ONNX Runtime session
+    queue_size: int = 4  # admitted requests beyond the busy workers; more get 503 + Retry-After
+    request_timeout_s: float = 120.0
+    vocoder_max_batch: int = 8
+    vocoder_window_ms: float = 10.0  # how long the vocoder waits for more work to batch
+    default_max_decoder_steps: int | None = None  # None: the bundle's synthesizer setting
+    limits: Limits = field(default_factory=Limits)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.queue_size < 0 or self.threads < 0:
+            raise ConfigError("serve needs workers >= 1, queue_size >= 0 and threads >= 0")
+        if self.request_timeout_s <= 0 or self.vocoder_max_batch < 1 or self.vocoder_window_ms < 0:
+            raise ConfigError("serve needs request_timeout_s > 0, vocoder_max_batch >= 1, vocoder_window_ms >= 0")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"serve.port must be in 0..65535, got {self.port}")
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once (running + waiting); one more gets 503."""
+        return self.workers + self.queue_size
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> ServeSettings:
+        """From the composed Hydra `serve` node (or any mapping with the same keys)."""
+        from omegaconf import DictConfig, OmegaConf
+
+        data: dict[str, Any] = dict(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig)
+                                    else node)
+        for key in ("bundle_dir", "voices_dir"):
+            if data.get(key) in (None, "", "???"):
+                raise ConfigError(f"serve.{key} is required")
+            data[key] = Path(data[key])
+        data["preference"] = tuple(data.get("preference") or ())
+        nested = {"limits": Limits, "stream": StreamConfig}
+        for key, kind in nested.items():
+            data[key] = _build(kind, data.get(key) or {}, f"serve.{key}")
+        return _build(cls, data, "serve")
+
+
+def _build(kind: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return kind(**data)

@@ -1,0 +1,74 @@
+"""Uploaded reference audio -> the normalized reference the service embeds and stores.
+
+Normalized = mono (channels averaged), resampled to the speaker encoder's rate (soxr), 16-bit PCM
+WAV. The embedding is computed from exactly the samples of that WAV, so re-embedding a stored
+reference reproduces its stored embedding. Each failure is an `UploadError` carrying its HTTP
+status: 413 too large, 415 not decodable as audio, 422 empty / too long / non-finite.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+
+from voxport.errors import AudioError, VoxportError
+from voxport.models.audio import load_wav
+
+log = logging.getLogger(__name__)
+
+
+class UploadError(VoxportError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Reference:
+    wav: np.ndarray  # float32 mono at `sample_rate`, exactly the samples of `wav_bytes`
+    wav_bytes: bytes  # 16-bit PCM WAV
+    sample_rate: int
+    source_sample_rate: int
+    duration_s: float
+
+
+def encode_wav(wav: np.ndarray, sample_rate: int) -> bytes:
+    """float waveform -> 16-bit PCM WAV bytes (clipped to [-1, 1])."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16",
+             format="WAV")
+    return buffer.getvalue()
+
+
+def read_reference(data: bytes, sample_rate: int, max_bytes: int, max_seconds: float) -> Reference:
+    if len(data) == 0:
+        raise UploadError(422, "the uploaded reference file is empty")
+    if len(data) > max_bytes:
+        raise UploadError(413, f"upload too large: {len(data)} bytes; at most {max_bytes} are accepted")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"^Error opening <[^>]*>: ", "", first)  # libsndfile names the in-memory buffer
+        formats = ", ".join(sorted(sf.available_formats()))
+        raise UploadError(415, f"cannot decode the reference as audio ({first}); "
+                               f"supported formats: {formats}") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise UploadError(422, "the reference file holds no audio samples")
+    duration = info.frames / info.samplerate
+    if duration > max_seconds:
+        raise UploadError(422, f"the reference is {duration:.1f} s long; at most {max_seconds:g} s is accepted")
+    try:
+        wav = load_wav(data, sample_rate)
+    except AudioError as exc:
+        raise UploadError(422, str(exc).replace("<bytes>: ", "reference: ")) from None
+    wav_bytes = encode_wav(wav, sample_rate)
+    stored, _ = sf.read(io.BytesIO(wav_bytes), dtype="float32")
+    log.debug("reference: %d Hz, %.2f s -> %d Hz PCM16", info.samplerate, duration, sample_rate)
+    return Reference(np.ascontiguousarray(stored), wav_bytes, sample_rate, int(info.samplerate),
+                     len(stored) / sample_rate)

@@ -1,0 +1,78 @@
+"""Rank the artifacts of a build (or of every variant of a Hydra sweep) by measured speed at passing quality.
+
+`voxport build` prints one ranking per component; under `-m` each job builds its own bundle
+inside the sweep directory, and `sweep_summary.md` / `.json` there rank every variant's
+artifacts together, so `-m quantize.calibration=minmax,entropy,percentile` ends with one table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from voxport.records import Record, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def quality_headline(quality: Mapping[str, Any]) -> str:
+    """The gate figures of a lossy artifact in one short phrase."""
+    if "log_mel_distance_increase_db" in quality:
+        return (f"log-mel {quality['log_mel_distance_increase_db']:+.2f} dB, "
+                f"PESQ {-quality['pesq_drop']:+.2f} vs FP32")
+    if "embedding_cosine_min" in quality:
+        return (f"cos >= {quality['embedding_cosine_min']:.4f}, "
+                f"{quality.get('decisions_changed', 0)} decisions changed")
+    if "mel_snr_db_min" in quality:
+        return f"mel SNR {quality['mel_snr_db_min']:.1f} dB, stop {quality.get('stop_agreement_min', 0):.2f}"
+    return "-"
+
+
+def rows(records: Iterable[Record], variant: str = "") -> list[dict[str, Any]]:
+    """One row per artifact with a measured speed ratio vs PyTorch FP32 (plus each PyTorch original)."""
+    out = []
+    for r in records:
+        ratio = (r.speed or {}).get("speedup_vs_torch_fp32")
+        if (r.stage != "source" and not ratio) or (r.stage == "source" and variant):
+            continue  # unmeasured, or the 1.0x reference repeated for every sweep variant
+        out.append({"variant": variant, "component": r.component, "graph": r.graph, "file": r.file,
+                    "format": r.format, "precision": r.precision,
+                    "speedup_vs_torch_fp32": float(ratio) if ratio else 1.0,
+                    "parent_speedup_vs_torch_fp32": (r.speed or {}).get("ort_fp32_speedup_vs_torch_fp32")
+                    or (r.speed or {}).get("parent_speedup_vs_torch_fp32"),
+                    "passed": r.stage == "source" or (r.quality or {}).get("passed") is True,
+                    "quality": "reference" if r.stage == "source" else quality_headline(r.quality or {})})
+    return out
+
+
+def ranking_table(table: list[dict[str, Any]]) -> str:
+    """Markdown: per component, passing artifacts fastest first (speeds measured side by side)."""
+    if not any(row["component"] for row in table):
+        return ""
+    show_variant = any(row["variant"] for row in table)
+    head = ["component", *(["variant"] if show_variant else []), "artifact", "precision",
+            "x PyTorch FP32", "parent x PyTorch", "quality vs FP32"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for component in ("speaker_encoder", "synthesizer", "vocoder"):
+        ranked = sorted((row for row in table if row["component"] == component and row["passed"]),
+                        key=lambda row: -row["speedup_vs_torch_fp32"])
+        for row in ranked:
+            parent = row["parent_speedup_vs_torch_fp32"]
+            cells = [component, *([row["variant"] or "-"] if show_variant else []), row["file"], row["precision"],
+                     f"{row['speedup_vs_torch_fp32']:.2f}", f"{parent:.2f}" if parent else "-", row["quality"]]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def record_sweep_job(sweep_dir: Path, variant: str, records: Iterable[Record]) -> str:
+    """Add one finished sweep job to `<sweep_dir>/sweep_summary.json` and rewrite the table."""
+    store = Path(sweep_dir) / "sweep_summary.json"
+    jobs: dict[str, Any] = json.loads(store.read_text()) if store.is_file() else {}
+    jobs[variant] = rows(records, variant)
+    atomic_write_text(store, json.dumps(jobs, indent=2) + "\n")
+    table = ranking_table([row for job in jobs.values() for row in job])
+    atomic_write_text(Path(sweep_dir) / "sweep_summary.md", table + "\n")
+    return table

@@ -1,0 +1,216 @@
+"""Pruning: the FLOP counter, structured channel pruning (a smaller dense model that the registry
+rebuilds), unstructured magnitude pruning (exact sparsity), and both stages on the real HiFi-GAN
+with the listener gate in both directions. Short clips keep it fast; timings are never asserted.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from voxport.export import inputs
+from voxport.models import registry
+from voxport.models.checkpoint import sha256_file
+from voxport.models.vocoder import V1_22K_UNIVERSAL, VocoderConfig, load_vocoder, seeded_vocoder
+from voxport.models.weights import bundled_weights
+from voxport.prune.channels import _obs, prune_vocoder
+from voxport.prune.finetune import finetune
+from voxport.prune.flops import count_macs, vocoder_flops_per_second
+from voxport.prune.magnitude import magnitude_prune, weight_sparsity
+from voxport.records import Record, read_record, write_record
+from voxport.stages import GateError, StageContext, stage
+
+GATES = {"vocoder": {"fp32": {"max_log_mel_increase_db": 0.3, "max_pesq_drop": 0.1, "require_speedup": False}}}
+FAST = {"gate_seconds": 1.5, "gate_clips": 3, "parity_clips": 1, "parity_seconds": 0.5, "timing_seconds": 0.5,
+        "calibration_clips": 4, "calibration_seconds": 1.0, "graph": "vocoder"}
+
+
+def torch_settings() -> tuple:
+    return (torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled(), torch.is_inference_mode_enabled(),
+            torch.random.get_rng_state().clone())
+
+
+def same_settings(a: tuple, b: tuple) -> bool:
+    return a[:-1] == b[:-1] and torch.equal(a[-1], b[-1])
+
+
+@pytest.fixture(scope="module")
+def real_vocoder():
+    return load_vocoder(bundled_weights("hifigan_v1_universal"), V1_22K_UNIVERSAL)
+
+
+@pytest.fixture(scope="module")
+def source_dir(real_vocoder, tmp_path_factory) -> Path:
+    """A vocoder-only bundle: the PyTorch FP32 source artifact and its record."""
+    out = tmp_path_factory.mktemp("source")
+    path = registry.save_torch_artifact(real_vocoder, out / "vocoder_fp32.pt")
+    write_record(Record(component="vocoder", graph="vocoder", format="torch", precision="fp32", file=path.name,
+                        sha256=sha256_file(path), weights="real", stage="source",
+                        model=registry.describe("hifigan", real_vocoder.cfg)), out)
+    return out
+
+
+@pytest.fixture
+def ctx(source_dir: Path, corpus, tmp_path: Path) -> StageContext:
+    for name in ("vocoder_fp32.pt", "vocoder_fp32.pt.json"):
+        os.link(source_dir / name, tmp_path / name)
+    return StageContext(bundle_dir=tmp_path, corpus=corpus, records=[read_record(tmp_path / "vocoder_fp32.pt")],
+                        gates=GATES, timing_repeats=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counter
+
+
+def test_flop_counter_on_known_layers():
+    conv = nn.Conv1d(4, 8, 3, dilation=2, padding=2)
+    assert count_macs(conv, (torch.zeros(1, 4, 10),)).macs == 8 * 10 * 4 * 3
+    grouped = nn.Conv1d(4, 8, 5, groups=2, padding=2)
+    assert count_macs(grouped, (torch.zeros(2, 4, 10),)).macs == 2 * 8 * 10 * 2 * 5
+    up = nn.ConvTranspose1d(4, 2, 16, stride=8, padding=4)
+    assert count_macs(up, (torch.zeros(1, 4, 5),)).macs == 4 * 5 * 2 * 16
+    assert count_macs(nn.Linear(6, 3), (torch.zeros(2, 7, 6),)).macs == 2 * 7 * 6 * 3
+    lstm = nn.LSTM(5, 7, num_layers=2, batch_first=True)
+    assert count_macs(lstm, (torch.zeros(1, 9, 5),)).macs == 9 * (4 * 7 * (5 + 7) + 4 * 7 * (7 + 7))
+    net = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 2, 1))
+    report = count_macs(net, (torch.zeros(1, 4, 10),))
+    assert report.per_layer == {"0": 8 * 10 * 4 * 3, "2": 2 * 10 * 8}
+    assert report.flops == 2 * report.macs
+
+
+def test_vocoder_flops_match_the_architecture(real_vocoder):
+    # V1: per frame, conv_pre 512x80x7, four upsamplers, 12 resblocks of 6 convs (k 3/7/11), conv_post.
+    per_frame = 512 * 80 * 7 + 32 * 7 * 256  # conv_pre at the frame rate, conv_post at the sample rate
+    ch, rate = 512, 1
+    for u, k in zip((8, 8, 2, 2), (16, 16, 4, 4), strict=True):
+        per_frame += ch * (ch // 2) * k * rate
+        ch, rate = ch // 2, rate * u
+        per_frame += 2 * 3 * (3 + 7 + 11) * ch * ch * rate
+    figures = vocoder_flops_per_second(real_vocoder, frames=86)
+    assert figures["macs_per_audio_second"] == pytest.approx(per_frame * 22050 / 256)
+    assert figures["params"] == sum(p.numel() for p in real_vocoder.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured pruning
+
+
+def test_obs_removal_of_a_redundant_channel_is_lossless():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4000, generator=gen)
+    x[5] = 0.5 * x[0] - 2.0 * x[3] + 0.3  # channel 5 is an affine combination of channels 0 and 3
+    conv = nn.Conv1d(6, 4, 3, padding=1)
+    moments = (x.sum(1).double(), (x @ x.T).double(), torch.tensor(4000.0, dtype=torch.float64))
+    order, costs, w, b = _obs(conv.weight, conv.bias, moments, 1, damp=1e-9)
+    # Any of 0, 3, 5 is redundant given the other two; the others carry independent noise.
+    assert order[0] in (0, 3, 5) and costs[0] < 1e-6
+    keep = [c for c in range(6) if c != order[0]]
+    with torch.no_grad():
+        ref = conv(x[None])
+        out = nn.functional.conv1d(x[None, keep], w[:, keep], b, padding=1)
+    # Exact away from the two edge samples, where zero padding breaks the affine relation's constant.
+    assert torch.allclose(ref[..., 1:-1], out[..., 1:-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("importance,allocation", [("obs", "global"), ("l1", "uniform")])
+def test_structured_pruning_cuts_flops_by_the_fraction_and_rebuilds(real_vocoder, corpus, importance, allocation):
+    before = {k: v.clone() for k, v in real_vocoder.state_dict().items()}
+    clips = inputs.speech_clips(corpus, real_vocoder.cfg.mel, 2, 0.5, split="calib")
+    mels = [torch.from_numpy(c.mel[None].astype(np.float32)) for c in clips]
+    pruned, details = prune_vocoder(real_vocoder, 0.2, importance, allocation, mels)
+    base, small = vocoder_flops_per_second(real_vocoder), vocoder_flops_per_second(pruned)
+    reduction = 1 - small["flops_per_audio_second"] / base["flops_per_audio_second"]
+    assert reduction == pytest.approx(0.2, abs=0.005)
+    assert small["params"] < base["params"]
+    widths = details["inner_channels"]
+    # Each removed inner channel takes a convs1 filter (c x k) and its bias, and a convs2 column (c x k).
+    removed = sum((c - w) * (2 * c * k + 1) for (c, k), row in zip(_blocks(real_vocoder.cfg), widths, strict=True)
+                  for w in row)
+    assert base["params"] - small["params"] == removed
+    # The record's model config alone rebuilds it (the runtime's path), and it still vocodes.
+    model = registry.describe("hifigan", pruned.cfg)
+    rebuilt = registry.build_module(model)
+    rebuilt.load_state_dict(pruned.state_dict())
+    assert VocoderConfig.from_dict(model["config"]).resblock_inner_channels == tuple(map(tuple, widths))
+    mel = torch.from_numpy(clips[0].mel[None].astype(np.float32))
+    with torch.no_grad():
+        wav = rebuilt(mel)
+    assert wav.shape == (1, 1, 256 * mel.shape[-1]) and torch.isfinite(wav).all()
+    assert all(torch.equal(before[k], v) for k, v in real_vocoder.state_dict().items())  # parent untouched
+
+
+def _blocks(cfg: VocoderConfig) -> list[tuple[int, int]]:
+    return [(cfg.upsample_initial_channel >> (i + 1), k) for i in range(len(cfg.upsample_rates))
+            for k in cfg.resblock_kernel_sizes]
+
+
+def test_finetune_is_bounded_and_leaves_torch_settings_alone(corpus):
+    cfg = VocoderConfig("1", (8, 8, 2, 2), (16, 16, 4, 4), 32, (3,), ((1, 3),), mel=V1_22K_UNIVERSAL.mel)
+    teacher, student = seeded_vocoder(cfg, 1), seeded_vocoder(cfg, 2)
+    clips = inputs.speech_clips(corpus, cfg.mel, 2, 1.0, split="calib")
+    before_w = student.conv_pre.weight.clone()
+    settings = torch_settings()
+    stats = finetune(student, teacher, clips, seconds=1.0, crop_frames=8)
+    assert same_settings(settings, torch_settings())
+    assert stats["steps"] >= 1 and stats["seconds"] < 30
+    assert not torch.equal(before_w, student.conv_pre.weight) and not student.training
+    assert finetune(student, teacher, clips, seconds=0)["steps"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Unstructured magnitude pruning
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_pruning_hits_the_target_sparsity(scope):
+    model = seeded_vocoder(V1_22K_UNIVERSAL, 3)
+    stats = magnitude_prune(model, 0.6, scope)
+    n = stats["prunable_weights"]
+    assert stats["sparsity"] == pytest.approx(round(0.6 * n) / n, abs=1e-6)
+    per_layer = weight_sparsity(model)["per_layer"]
+    if scope == "layer":
+        assert all(abs(s - 0.6) < 0.01 for s in per_layer.values())
+    else:  # one ranking: layers differ (small-weight layers lose more)
+        assert max(per_layer.values()) - min(per_layer.values()) > 0.1
+    assert all(model.state_dict()[k].dtype == torch.float32 for k in model.state_dict())  # dense, zeros inside
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages on the real vocoder
+
+
+def test_unstructured_90_fails_the_gate_lists_metrics_and_leaves_nothing(ctx: StageContext):
+    before = sorted(p.name for p in ctx.bundle_dir.iterdir())
+    settings = torch_settings()
+    with pytest.raises(GateError) as info:
+        stage("prune_magnitude")(ctx.records[0], {**FAST, "sparsity": 0.9, "scope": "global"}, ctx)
+    assert same_settings(settings, torch_settings())
+    text = str(info.value)
+    assert "\n" not in text and "log-mel distance" in text and "PESQ drop" in text and "no fine-tune" in text
+    q = info.value.metrics["quality"]
+    assert q["log_mel_distance_increase_db"] > 0.3 and q["pesq_drop"] > 0.1
+    assert info.value.metrics["size"]["flops_reduction"] == 0.0  # zeros in dense kernels save nothing
+    assert sorted(p.name for p in ctx.bundle_dir.iterdir()) == before
+    assert len(ctx.records) == 1
+
+
+def test_structured_stage_writes_smaller_torch_and_onnx_artifacts(ctx: StageContext):
+    settings = torch_settings()
+    cfg = {**FAST, "sparsity": None, "default_sparsity": 0.05, "importance": "obs", "allocation": "global"}
+    onnx_record = stage("prune_structured")(ctx.records[0], cfg, ctx)
+    assert same_settings(settings, torch_settings())
+    torch_record = ctx.records[-1]
+    assert (torch_record.format, onnx_record.format) == ("torch", "onnx")
+    assert onnx_record.parent == torch_record.file == "vocoder_pruned_obs_structured_5.pt"
+    for r in (torch_record, onnx_record):
+        assert (ctx.bundle_dir / r.file).is_file() and (ctx.bundle_dir / (r.file + ".json")).is_file()
+        assert r.speed["flops_reduction"] == pytest.approx(0.05, abs=0.005)
+        assert r.speed["params"] < r.speed["parent_params"] and 0 < r.sparsity < 0.1
+        assert r.speed["speedup_vs_torch_fp32"] > 0 and r.quality["log_mel_distance_increase_db"] <= 0.3
+    assert onnx_record.parity["wav_snr_db_min"] >= 100.0
+    rebuilt = registry.load_torch_artifact(ctx.bundle_dir / torch_record.file, torch_record.model)
+    assert rebuilt.cfg.resblock_inner_channels is not None

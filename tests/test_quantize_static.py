@@ -1,0 +1,157 @@
+"""Static INT8 of the real HiFi-GAN: structure (integer kernels, what stays float), the gate in both
+directions on held-out real speech, and global torch settings left alone.
+
+Short clips and MinMax calibration keep this fast; the stage itself is what `voxport build` runs.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from voxport.errors import ConfigError
+from voxport.quantize import qdq
+from voxport.quantize.config import QuantizeConfig
+from voxport.records import Record, read_bundle, read_record
+from voxport.stages import GateError, StageContext, stage
+
+FAST = {"calibration": "minmax", "calibration_clips": 3, "crop_seconds": 0.5, "gate_seconds": 1.0,
+        "timing_seconds": 0.5, "rank_clips": 1, "rank_seconds": 0.25, "search_clips": 2, "search_seconds": 1.0,
+        "search_max_trials": 5, "graph": "vocoder"}
+GATES = {"vocoder": {"int8-static": {"max_log_mel_increase_db": 0.3, "max_pesq_drop": 0.1,
+                                     "require_speedup": False}}}  # timing on a shared CI box is noise
+
+
+def stage_dir(bundle: Path, tmp: Path, component: str) -> tuple[Path, list[Record]]:
+    """A private bundle directory (hard links) holding one component's source and FP32 exports."""
+    records = [r for r in read_bundle(bundle) if r.component == component]
+    for r in records:
+        for name in (r.file, r.file + ".json"):
+            os.link(bundle / name, tmp / name)
+    return tmp, records
+
+
+def torch_settings() -> tuple:
+    return (torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled(), torch.is_inference_mode_enabled(),
+            torch.backends.quantized.engine)
+
+
+@pytest.fixture
+def ctx(bundle: Path, corpus, tmp_path: Path) -> StageContext:
+    bundle_dir, records = stage_dir(bundle, tmp_path, "vocoder")
+    return StageContext(bundle_dir=bundle_dir, corpus=corpus, records=records, gates=GATES, timing_repeats=1)
+
+
+def parent(ctx: StageContext) -> Record:
+    return ctx.find("vocoder", "vocoder", "onnx")
+
+
+def test_naive_all_conv_int8_fails_the_gate_lists_every_metric_and_leaves_nothing(ctx: StageContext):
+    before = sorted(p.name for p in ctx.bundle_dir.iterdir())
+    cfg = {**FAST, "search": "none", "keep_output_layer_float": False}
+    with pytest.raises(GateError) as info:
+        stage("quantize_static")(parent(ctx), cfg, ctx)
+    err = info.value
+    text = str(err)
+    assert "log-mel distance" in text and "PESQ drop" in text
+    figures = err.metrics["quality"]
+    assert figures["log_mel_distance_increase_db"] > 0.3 and figures["pesq_drop"] > 0.1
+    # It is INT8 (74 integer convolutions) and still fails: the quality, not the format, decides.
+    assert err.metrics["integer_ops"]["runtime"]["QLinearConv"] == 74
+    assert sorted(p.name for p in ctx.bundle_dir.iterdir()) == before
+
+
+# Ranking a first-stage layer recomputes almost the whole network; leaving stage 1 out by name keeps
+# the test short and checks that named exclusions stay float through the whole stage.
+STAGE1 = [f"/generator/resblocks.{b}/convs{c}.{i}/Conv" for b in range(3) for c in (1, 2) for i in range(3)]
+
+
+def test_searched_int8_passes_with_integer_kernels_and_float_where_needed(ctx: StageContext):
+    settings = torch_settings()
+    record = stage("quantize_static")(parent(ctx), {**FAST, "exclude_nodes": STAGE1}, ctx)
+    assert torch_settings() == settings
+    assert record.precision == "int8-static" and record.format == "onnx" and record.quality["passed"]
+    assert read_record(ctx.bundle_dir / record.file) == record
+    ops = record.parity["integer_ops"]
+    assert ops["runtime"]["QLinearConv"] == len(record.parity["quantized_nodes"]) > 0
+    assert ops["file"]["QuantizeLinear"] > 0 and ops["file"]["DequantizeLinear"] > 0
+    assert ops["runtime"]["ConvTranspose"] == 4  # no integer ConvTranspose exists
+    floats = record.parity["float_nodes"]
+    assert all("ConvTranspose" in why for node, why in floats.items() if "ConvTranspose" in node)
+    assert "output layer" in floats["/generator/conv_post/Conv"]
+    assert all("exclude_nodes" in floats[node] for node in STAGE1)
+    assert set(floats) & set(record.parity["quantized_nodes"]) == set()
+    # The naive trial (everything) failed on calibration clips; what stayed float says why.
+    assert record.parity["search"]["trials"][0]["passed"] is False
+    assert any("error alone" in why for why in floats.values())
+    q = record.quality
+    assert q["log_mel_distance_increase_db"] <= 0.3 and q["pesq_drop"] <= 0.1
+    assert {"speedup_vs_torch_fp32", "ort_fp32_speedup_vs_torch_fp32", "speedup_vs_parent"} <= set(record.speed)
+
+
+def test_exclusions_stay_float_in_the_quantized_graph(ctx: StageContext, tmp_path: Path):
+    from voxport.quantize.static import calibration_feeds
+
+    excluded = "/generator/resblocks.3/convs1.0/Conv"
+    qc = QuantizeConfig.from_cfg({**FAST, "exclude_nodes": [excluded], "calibration_clips": 1})
+    pre = qdq.preprocess(ctx.bundle_dir / parent(ctx).file, tmp_path / "pre.onnx")
+    model = qdq.load_graph(pre)
+    candidates, kept = qdq.candidate_nodes(model, qc)
+    assert excluded not in candidates and "exclude_nodes" in kept[excluded]
+    assert "/generator/conv_post/Conv" not in candidates and len(candidates) == 72
+    feeds, _ = calibration_feeds(ctx, registry_mel(ctx), qc)
+    out = qdq.quantize(pre, tmp_path / "q.onnx", qc, candidates, tmp_path / "ranges.json", feeds)
+    graph = qdq.load_graph(out).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            weight_from = producer.get(node.input[1])
+            quantized = weight_from is not None and weight_from.op_type == "DequantizeLinear"
+            assert quantized == (node.name in candidates), node.name
+    with pytest.raises(ConfigError, match="exclude_nodes"):
+        qdq.candidate_nodes(model, QuantizeConfig(exclude_nodes=("/no/such/Conv",)))
+
+
+def registry_mel(ctx: StageContext):
+    from voxport.models import registry
+
+    source = ctx.source("vocoder")
+    return registry.build_module(source.model).cfg.mel
+
+
+def test_bf16_is_skipped_with_a_reason_where_the_cpu_lacks_native_bfloat16(ctx: StageContext):
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    from voxport.build import run_stages
+    from voxport.quantize.bf16 import native_bf16
+
+    native, why = native_bf16()
+    if native:
+        pytest.skip(f"this host computes bfloat16 natively ({why})")
+    cfg = compose_config("stages=export_only")
+    OmegaConf.update(cfg, "stages.vocoder", [{"kind": "bf16", "parent": "torch"}], force_add=True)
+    before = sorted(p.name for p in ctx.bundle_dir.iterdir())
+    assert run_stages(cfg, ctx) == []
+    assert [(s["component"], s["kind"]) for s in ctx.skipped] == [("vocoder", "bf16")]
+    assert "avx512_bf16" in ctx.skipped[0]["reason"] and "slower" in ctx.skipped[0]["reason"]
+    assert sorted(p.name for p in ctx.bundle_dir.iterdir()) == before
+
+
+def test_bf16_artifact_reloads_as_bfloat16_with_float32_boundaries(bundle: Path, tmp_path: Path):
+    """The artifact format the bf16 stage writes on a native host (exercised here without timing)."""
+    from voxport.models import registry
+
+    source = next(r for r in read_bundle(bundle) if r.component == "vocoder" and r.stage == "source")
+    fp32 = registry.load_torch_artifact(bundle / source.file, source.model)
+    registry.save_torch_artifact(fp32.to(torch.bfloat16), tmp_path / "v_bf16.pt")
+    model = {**source.model, "dtype": "bfloat16"}
+    module = registry.load_torch_artifact(tmp_path / "v_bf16.pt", model)
+    assert next(module.parameters()).dtype == torch.bfloat16
+    spec = registry.graph_specs(module, model)["vocoder"]
+    mel = torch.full((1, 80, 6), -6.0)
+    with torch.inference_mode():
+        (wav,) = spec.module(mel)
+    assert wav.dtype == torch.float32 and wav.shape == (1, 1, 6 * 256)
