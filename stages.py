@@ -86,7 +86,30 @@ def stage(kind: str) -> StageFn:
         if module is None:
             raise ConfigError(f"unknown stage '{kind}'; known: {', '.join(sorted(STAGE_MODULES))}")
         importlib.import_module(module)
-    return _STAGES[kind]
+    return _isolated(_STAGES[kind])
+
+
+def _isolated(fn: StageFn) -> StageFn:
+    """Run a stage without leaking global torch state (RNG, threads, grad mode) to its caller.
+
+    Stages draw random numbers (initialisation, masks) and tune threads for timing; whatever they
+    do, the process continues exactly as before, which the build and the tests rely on.
+    """
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def run(parent: Record, cfg: Any, ctx: StageContext) -> Record:
+        threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return fn(parent, cfg, ctx)
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_grad_enabled(grad)
+
+    return run
 
 
 # Where each stage kind lives; importing the module registers it.

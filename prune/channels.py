@@ -14,7 +14,8 @@ speech, gate +0.3 dB log-mel / -0.1 PESQ vs FP32; see the report in the stage mo
        real calibration speech: greedily drop the channel whose loss, after re-expressing it by
        least squares through the channels that stay (their convs2 columns and the bias absorb
        it), costs least; then spend the FLOP budget where that relative cost per FLOP saved is
-       lowest across all pairs ("global"), or the same fraction everywhere ("uniform").
+       lowest across all pairs ("global", see `_global_plan`), or the same fraction everywhere
+       ("uniform").
 `fraction` is always the share of the generator's total MACs to remove.
 """
 
@@ -113,28 +114,40 @@ def _macs_per_channel(generator: HiFiGANGenerator) -> tuple[dict[Key, float], in
 
 def _global_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp: float,
                  macs: dict[Key, float], total: int) -> dict[Key, int]:
-    """Channels to drop per pair: cheapest relative output error per MAC saved, across all pairs."""
+    """Channels to drop per pair: cheapest relative output error per MAC saved, across all pairs.
+
+    Each pair's greedy OBS sequence is used only up to its first dip (a removal that costs less
+    than the one before it: the compensations so far have reshuffled the pair's weights and the
+    quadratic model no longer orders its channels). Measured against letting every pair run on
+    with a running maximum, this keeps the 256-channel first level nearly intact and halves the
+    log-mel increase (15 % of FLOPs: +0.25 dB instead of +0.40 dB).
+    """
     candidates = []
     for j, block in enumerate(generator.resblocks):
         for k, conv in enumerate(block.convs2):
             key = (j, k)
             w = conv.weight.detach().double()
             s1, s2, n = moments[key]
-            energy = float(torch.einsum("oct,cd,odt->", w, s2 / n, w))  # E||conv2 output||^2, zero lag
+            energy = max(float(torch.einsum("oct,cd,odt->", w, s2 / n, w)), 1e-30)  # E||convs2 out||^2
             _, costs, _, _ = _obs(conv.weight, conv.bias, moments[key], conv.in_channels - 1, damp)
-            running = 0.0
+            previous = 0.0
             for i, cost in enumerate(costs):
-                running = max(running, cost / max(energy, 1e-30) / macs[key])  # monotone per pair
-                candidates.append((running, i, key))
+                score = cost / energy / macs[key]
+                if score < previous:
+                    break
+                candidates.append((score, i, key))
+                previous = score
     candidates.sort()
     plan: dict[Key, int] = {}
     saved = 0.0
-    for _score, i, key in candidates:
+    for _score, _i, key in candidates:  # ascending and monotone per pair: each pair's steps come in order
         if saved >= fraction * total:
             break
-        if plan.get(key, 0) == i:
-            plan[key] = i + 1
-            saved += macs[key]
+        plan[key] = plan.get(key, 0) + 1
+        saved += macs[key]
+    if saved < fraction * total:
+        raise ConfigError(f"structured pruning cannot remove {fraction:.0%} of the FLOPs with allocation 'global' "
+                          f"(at most {saved / total:.1%}); use a smaller prune.sparsity or allocation=uniform")
     return plan
 
 

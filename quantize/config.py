@@ -24,7 +24,7 @@ INT8_TYPES = ("int8", "uint8")
 @dataclass(frozen=True)
 class QuantizeConfig:
     # Static INT8 (ONNX Runtime QDQ)
-    calibration: str = "percentile"
+    calibration: str = "minmax"
     percentile: float = 99.999
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights: avoids U8S8 saturation on CPUs without VNNI

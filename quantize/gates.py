@@ -94,8 +94,20 @@ class EncoderGate(ComponentGate):
                  ) -> tuple[dict[str, Any], list[str]]:
         gate = {**self.gate, "min_cosine": 1.0 - (1.0 - float(self.gate["min_cosine"])) * margin}
         items, feeds = self._split(split)
-        figures, failures = quality.encoder_gate(run_fp32, run_test, items, feeds, gate)
+        figures, failures = quality.encoder_gate(self._memo(run_fp32), run_test, items, feeds, gate)
         return {**figures, "split": split}, failures
+
+    def _memo(self, run: Runner) -> Runner:
+        """The FP32 embeddings of the (fixed, cached) gate feeds are computed once, not per trial."""
+        cache = self.__dict__.setdefault("_fp32_out", {})
+
+        def go(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            key = (id(run), id(feed["mels"]))  # feeds live in self._feeds for the gate's lifetime
+            if key not in cache:
+                cache[key] = run(feed)
+            return cache[key]
+
+        return go
 
     def error(self, figures: Mapping[str, Any]) -> float:
         return 1.0 - float(figures["embedding_cosine_min"])

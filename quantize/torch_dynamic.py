@@ -96,9 +96,12 @@ def apply_recipe(module: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
 
 def count_quantized(module: nn.Module) -> dict[str, int]:
     """Dynamically quantized PyTorch modules by class name (the structure check)."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    layers = (nnqd.Linear, nnqd.LSTM, nnqd.GRU, nnqd.LSTMCell, nnqd.GRUCell)
     counts: dict[str, int] = {}
     for m in module.modules():
-        if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+        if isinstance(m, layers):
             name = f"DynamicQuantized{type(m).__name__}"
             counts[name] = counts.get(name, 0) + 1
     return counts

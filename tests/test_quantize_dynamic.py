@@ -5,7 +5,6 @@ passes; integer kernels are really there; global torch settings are left alone."
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -68,20 +67,39 @@ def test_searched_encoder_int8_keeps_first_lstm_float_and_passes(enc_ctx: StageC
     assert "speedup_vs_torch_fp32" in record.speed
 
 
-def test_torch_flavour_encoder_splits_the_lstm_and_reloads_through_the_backend(enc_ctx: StageContext):
+def test_torch_flavour_recipe_splits_the_lstm_and_reloads_through_the_backend(enc_ctx: StageContext):
+    """The PyTorch flavour's artifact: FP32 weights + recipe, rebuilt by the torch backend with layer
+    0 float. (The whole stage is not run here: PyTorch's INT8 LSTM is slower than FP32 on CPU.)"""
+    from voxport import metrics
+    from voxport.export.inputs import encoder_feeds
+    from voxport.models import registry
+    from voxport.models.checkpoint import sha256_file
+    from voxport.quantize import torch_dynamic
+    from voxport.quantize.dynamic import TorchFlavour
     from voxport.runtime.backends.torch import TorchBackend
 
     before = settings()
-    record = stage("quantize_dynamic")(enc_ctx.source("speaker_encoder"), cfg(), enc_ctx)
-    assert settings() == before
-    assert record.format == "torch" and record.file.endswith("_int8_dynamic.pt")
-    assert record.parity["split_lstm_max_abs_vs_fp32"] < 1e-5
-    assert "lstm.layers.0" in record.parity["float_nodes"]
-    assert record.parity["integer_ops"]["runtime"].get("DynamicQuantizedLSTM", 0) >= 1
+    source = enc_ctx.source("speaker_encoder")
+    module = registry.load_torch_artifact(enc_ctx.bundle_dir / source.file, source.model)
+    spec = registry.graph_specs(module, source.model)["speaker_encoder"]
+    flavour = TorchFlavour(source, module, spec, "speaker_encoder", enc_ctx)
+    assert flavour.candidates == ["lstm.layers.0", "lstm.layers.1", "lstm.layers.2", "linear"]
+    assert flavour.extra["split_lstm_max_abs_vs_fp32"] < 1e-5
+    layers = ["lstm.layers.1", "linear"]
+    flavour.write(layers)
+    record = source.replace(file=flavour.out.name, precision="int8-dynamic", stage="quantize-dynamic",
+                            model=flavour.model(layers), sha256=sha256_file(flavour.out))
     backend = TorchBackend()
     backend.load(record, enc_ctx.bundle_dir)
-    feed = {"mels": np.abs(np.random.default_rng(0).normal(0, 0.05, (2, 160, 40))).astype(np.float32)}
-    assert backend.infer(feed)["embeddings"].shape == (2, 256)
+    counts = torch_dynamic.count_quantized(backend._spec.module)
+    assert counts == {"DynamicQuantizedLSTM": 1, "DynamicQuantizedLinear": 1}
+    (feed,) = encoder_feeds(enc_ctx.corpus, module.cfg, 1)
+    ref = flavour._runner(module)(feed)["embeddings"]
+    out = backend.infer(feed)["embeddings"]
+    assert min(metrics.cosine(a, b) for a, b in zip(ref, out, strict=True)) > 0.99
+    naive = flavour.runner(flavour.candidates)(feed)["embeddings"]  # layer 0 INT8: broken
+    assert min(metrics.cosine(a, b) for a, b in zip(ref, naive, strict=True)) < 0.9
+    assert settings() == before
 
 
 def test_decoder_step_dynamic_int8_passes_its_gate(bundle: Path, corpus, tmp_path: Path):
