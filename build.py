@@ -72,6 +72,7 @@ def build_bundle(cfg: Any) -> Bundle:
             bundle_dir=staging, corpus=corpus, records=records,
             gates=OmegaConf.to_container(cfg.gates, resolve=True), seed=int(cfg.seed),
             threads=int(cfg.target.threads), timing_repeats=int(cfg.timing.repeats),
+            timing_min_seconds=float(cfg.timing.get("min_seconds", 0.0)),
         )
         run_stages(cfg, ctx)
         write_manifest(staging, records, stack.describe(), skipped=ctx.skipped)

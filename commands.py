@@ -21,6 +21,7 @@ def run_hydra(command: str) -> int:
     # relative path ("voxport.conf") would need conf/ to be a Python package.
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> Any:
+        logging.getLogger().addFilter(_drop_quantizer_chatter)
         try:
             if command == "build":
                 return _build(cfg)
@@ -35,6 +36,13 @@ def run_hydra(command: str) -> int:
 
     _main()
     return 0
+
+
+def _drop_quantizer_chatter(record: logging.LogRecord) -> bool:
+    """ONNX Runtime's quantizer logs one INFO line on the root logger per tensor it leaves float
+    (dozens per build); our stages record which layers stayed float, so only its warnings pass."""
+    return not (record.name == "root" and record.levelno < logging.WARNING
+                and "onnxruntime" in record.pathname.replace("\\", "/").split("/"))
 
 
 def _build(cfg: Any) -> None:
@@ -93,9 +101,22 @@ def headline(record: Any) -> str:
         ("wav_snr_db_min", "wav SNR", "{:.1f} dB"), ("mr_stft_distance_max", "MR-STFT", "{:.2e}"),
         ("embedding_cosine_min", "cos", "{:.7f}"), ("mel_snr_db_min", "mel SNR", "{:.1f} dB"),
         ("stop_agreement_min", "stop agree", "{:.2f}"),
+        ("wav_snr_db_vs_fp32_min", "wav SNR vs FP32", "{:.1f} dB"),
     ):
         if key in p:
             parts.append(f"{label} {fmt.format(p[key])}")
+    runtime_ops = (p.get("integer_ops") or {}).get("runtime")
+    if runtime_ops:  # what ONNX Runtime really runs in integers, not what the file claims
+        from voxport.quantize.qdq import integer_op_total
+
+        parts.append(f"{integer_op_total(runtime_ops)} integer kernels")
+    if not parts and record.quality:  # e.g. a pruned PyTorch model: no export parity, a listener gate
+        from voxport.summary import quality_headline
+
+        parts.append(quality_headline(record.quality))
+    reduction = (record.speed or {}).get("flops_reduction")
+    if reduction:
+        parts.append(f"FLOPs -{100 * reduction:.0f} %")
     return ", ".join(parts) or "-"
 
 

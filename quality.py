@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -145,13 +146,22 @@ def encoder_gate(run_fp32: Runner, run_test: Runner, items: list[CorpusItem], fe
 
 
 def side_by_side(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], repeats: int = 5,
-                 warmup: int = 1) -> dict[str, dict[str, float]]:
-    """Interleaved timed runs (round-robin, so drift and noise hit every runner alike)."""
+                 warmup: int = 1, min_seconds: float = 0.0, max_repeats: int = 200) -> dict[str, dict[str, float]]:
+    """Interleaved timed runs (round-robin, so drift and noise hit every runner alike).
+
+    At least `repeats` rounds, and more for short workloads (a speaker-encoder call takes
+    milliseconds) until the slowest runner has been timed for about `min_seconds`: a median of five
+    millisecond runs on a shared host is mostly scheduler noise.
+    """
+    slowest = 0.0
     for run in runners.values():
         for _ in range(warmup):
+            start = time.perf_counter()
             run(feed)
+            slowest = max(slowest, time.perf_counter() - start)
+    rounds = max(repeats, min(max_repeats, math.ceil(min_seconds / slowest) if slowest > 0 else repeats))
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, run in runners.items():
             start = time.perf_counter()
             run(feed)
@@ -161,19 +171,20 @@ def side_by_side(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], 
 
 
 def speed_figures(run_reference: Runner, run_parent: Runner | None, run_test: Runner,
-                  feed: Mapping[str, np.ndarray], audio_seconds: float, repeats: int) -> dict[str, Any]:
+                  feed: Mapping[str, np.ndarray], audio_seconds: float, repeats: int,
+                  min_seconds: float = 0.0) -> dict[str, Any]:
     """Speed of an artifact vs PyTorch FP32 (and vs its parent), medians in one run, with RTF."""
     runners = {"torch_fp32": run_reference, "artifact": run_test}
     if run_parent is not None:
         runners["parent"] = run_parent
-    t = side_by_side(runners, feed, repeats)
+    t = side_by_side(runners, feed, repeats, min_seconds=min_seconds)
     figures = {
         "audio_seconds": audio_seconds,
         "median_s": t["artifact"]["median_s"],
         "torch_fp32_median_s": t["torch_fp32"]["median_s"],
         "speedup_vs_torch_fp32": t["torch_fp32"]["median_s"] / t["artifact"]["median_s"],
         "rtf": t["artifact"]["median_s"] / audio_seconds if audio_seconds else None,
-        "repeats": repeats,
+        "repeats": t["artifact"]["runs"],
     }
     if run_parent is not None:
         figures["parent_median_s"] = t["parent"]["median_s"]

@@ -42,6 +42,7 @@ class StageContext:
     seed: int = 1234
     threads: int = 0  # 0 = engine default
     timing_repeats: int = 5
+    timing_min_seconds: float = 0.0  # more rounds for short workloads (quality.side_by_side)
     cache: dict[str, Any] = field(default_factory=dict)  # per-build memo (e.g. FP32 quality baseline)
     skipped: list[dict[str, str]] = field(default_factory=list)  # stages that raised StageSkipped
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def rows(records: Iterable[Record], variant: str = "") -> list[dict[str, Any]]:
         ratio = (r.speed or {}).get("speedup_vs_torch_fp32")
         if (r.stage != "source" and not ratio) or (r.stage == "source" and variant):
             continue  # unmeasured, or the 1.0x reference repeated for every sweep variant
-        out.append({"variant": variant, "component": r.component, "graph": r.graph, "file": r.file,
+        out.append({"variant": variant, "component": r.component, "graph": r.graph, "file": r.file, "sha256": r.sha256,
                     "format": r.format, "precision": r.precision,
                     "speedup_vs_torch_fp32": float(ratio) if ratio else 1.0,
                     "parent_speedup_vs_torch_fp32": (r.speed or {}).get("ort_fp32_speedup_vs_torch_fp32")
@@ -53,6 +54,7 @@ def ranking_table(table: list[dict[str, Any]]) -> str:
     if not any(row["component"] for row in table):
         return ""
     show_variant = any(row["variant"] for row in table)
+    table = _merge_identical(table)
     head = ["component", *(["variant"] if show_variant else []), "artifact", "precision",
             "x PyTorch FP32", "parent x PyTorch", "quality vs FP32"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -65,6 +67,25 @@ def ranking_table(table: list[dict[str, Any]]) -> str:
                      f"{row['speedup_vs_torch_fp32']:.2f}", f"{parent:.2f}" if parent else "-", row["quality"]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _merge_identical(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per artifact content: a sweep over one component's knob rebuilds the others
+    byte-identically, and listing each copy would rank timing noise. Merged rows carry the
+    median of their speed figures and say how many variants made them."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for i, row in enumerate(table):
+        groups.setdefault((row["component"], row.get("sha256") or f"row{i}"), []).append(row)
+    merged = []
+    for rows_ in groups.values():
+        row = dict(rows_[0])
+        if len(rows_) > 1:
+            row["variant"] = f"all {len(rows_)} variants (same artifact)"
+            for key in ("speedup_vs_torch_fp32", "parent_speedup_vs_torch_fp32"):
+                values = [r[key] for r in rows_ if r.get(key)]
+                row[key] = statistics.median(values) if values else None
+        merged.append(row)
+    return merged
 
 
 def record_sweep_job(sweep_dir: Path, variant: str, records: Iterable[Record]) -> str:

@@ -265,7 +265,8 @@ def run(parent: Record, cfg: Any, ctx: StageContext) -> Record:
             feed, seconds = timing_feed(parent, ctx, fcfg.timing_seconds)
             _, specs = reference_specs(ctx, parent.component)
             speed = quality.speed_figures(torch_runner(specs[parent.graph]), quiet_runner(ctx.bundle_dir / parent.file,
-                                          threads=ctx.threads), run_fp16, feed, seconds, ctx.timing_repeats)
+                                          threads=ctx.threads), run_fp16, feed, seconds, ctx.timing_repeats,
+                                          ctx.timing_min_seconds)
             speed["note"] = "ONNX Runtime CPU timing of a GPU artifact (inserted Casts): says nothing of GPU speed"
     except BaseException:
         for p in written:

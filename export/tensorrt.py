@@ -219,7 +219,7 @@ def run(parent: Record, cfg: Any, ctx: StageContext) -> Record:
     feed, seconds = timing_feed(parent, ctx, tcfg.timing_seconds)
     _, specs = reference_specs(ctx, parent.component)
     speed = quality.speed_figures(torch_runner(specs[parent.graph]), None, backend.infer, feed, seconds,
-                                  ctx.timing_repeats)
+                                  ctx.timing_repeats, ctx.timing_min_seconds)
     speed["note"] = "engine on the GPU vs PyTorch FP32 on this host's CPU, in one process"
     record = draft.replace(quality={**figures, "passed": True, "engine": backend.providers[0]}, speed=speed)
     backend.close()

@@ -67,12 +67,13 @@ def input_moments(generator: HiFiGANGenerator, mels: Sequence[torch.Tensor]) -> 
 
 
 def _obs(weight: torch.Tensor, bias: torch.Tensor, moments: tuple[torch.Tensor, ...], steps: int,
-         damp: float) -> tuple[list[int], list[float], torch.Tensor, torch.Tensor]:
+         damp: float, stop_at_dip: bool = False) -> tuple[list[int], list[float], torch.Tensor, torch.Tensor]:
     """Greedy OBS removal of `steps` input channels of a conv: (order, costs, new weight, new bias).
 
     z = [x; 1] has second moment H; with P = H^-1, dropping channel c and re-expressing it through
     the rest by least squares raises the output MSE by ||W[:, c]||^2 / P_cc (zero-lag approximation
     over the kernel taps), and the rest absorbs it as W_j -= W_c P_jc / P_cc (the bias for j = 1).
+    stop_at_dip: end early at the first removal cheaper than the one before (see `_global_plan`).
     """
     s1, s2, n = moments
     c_in = weight.shape[1]
@@ -88,6 +89,8 @@ def _obs(weight: torch.Tensor, bias: torch.Tensor, moments: tuple[torch.Tensor, 
         cost = w.pow(2).sum(dim=(0, 2)) / torch.diagonal(p)[:c_in]
         cost[~alive] = float("inf")
         c = int(torch.argmin(cost))
+        if stop_at_dip and costs and float(cost[c]) < costs[-1]:
+            break
         r = p[:, c] / p[c, c]
         wc = w[:, c, :].clone()
         w -= wc[:, None, :] * r[None, :c_in, None]
@@ -129,14 +132,8 @@ def _global_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, da
             w = conv.weight.detach().double()
             s1, s2, n = moments[key]
             energy = max(float(torch.einsum("oct,cd,odt->", w, s2 / n, w)), 1e-30)  # E||convs2 out||^2
-            _, costs, _, _ = _obs(conv.weight, conv.bias, moments[key], conv.in_channels - 1, damp)
-            previous = 0.0
-            for i, cost in enumerate(costs):
-                score = cost / energy / macs[key]
-                if score < previous:
-                    break
-                candidates.append((score, i, key))
-                previous = score
+            _, costs, _, _ = _obs(conv.weight, conv.bias, moments[key], conv.in_channels - 1, damp, stop_at_dip=True)
+            candidates += [(cost / energy / macs[key], i, key) for i, cost in enumerate(costs)]
     candidates.sort()
     plan: dict[Key, int] = {}
     saved = 0.0

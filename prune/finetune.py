@@ -59,7 +59,7 @@ def log_mel(wav: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
 
 
 def finetune(student: HiFiGANGenerator, teacher: HiFiGANGenerator, clips: Sequence[SpeechClip],
-             seconds: float, lr: float = 1e-4, crop_frames: int = 32, batch: int = 2, seed: int = 1234,
+             seconds: float, lr: float = 1e-5, crop_frames: int = 32, batch: int = 2, seed: int = 1234,
              target: str = "fp32") -> dict[str, Any]:
     """Train `student` in place for at most `seconds` of wall time; returns what was done."""
     if target not in ("fp32", "recording"):

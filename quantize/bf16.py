@@ -96,7 +96,8 @@ def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
         from voxport.quantize.static import timing_feed
 
         feed, audio_s = timing_feed(ctx, mel_cfg, float(cfg.get("timing_seconds", 3.0)))
-        speed = quality.speed_figures(run_ref, None, run_test, feed, audio_s, ctx.timing_repeats)
+        speed = quality.speed_figures(run_ref, None, run_test, feed, audio_s, ctx.timing_repeats,
+                                      ctx.timing_min_seconds)
         if gate.get("require_speedup") and speed["speedup_vs_torch_fp32"] <= 1.0:
             failures.append(f"not faster than PyTorch FP32: {speed['speedup_vs_torch_fp32']:.2f}x")
         if failures:

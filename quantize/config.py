@@ -26,6 +26,7 @@ class QuantizeConfig:
     # Static INT8 (ONNX Runtime QDQ)
     calibration: str = "minmax"
     percentile: float = 99.999
+    histogram_bins: int = 512  # entropy / percentile histograms (entropy tries bins/2 - 63 thresholds)
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights: avoids U8S8 saturation on CPUs without VNNI
     calibration_clips: int = 8
@@ -66,6 +67,8 @@ class QuantizeConfig:
             raise ConfigError(f"quantize.percentile must be in (0, 100], got {self.percentile}")
         if not 0.0 < self.search_margin <= 1.0:
             raise ConfigError(f"quantize.search_margin must be in (0, 1], got {self.search_margin}")
+        if self.histogram_bins < 256:
+            raise ConfigError(f"quantize.histogram_bins must be >= 256, got {self.histogram_bins}")
         for name in ("calibration_clips", "rank_clips", "search_clips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quantize.{name} must be >= 1, got {getattr(self, name)}")

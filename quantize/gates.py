@@ -58,8 +58,8 @@ def component_gate(component: str, graph: str, specs: Mapping[str, Any], ctx: St
 
 
 def _speed(run_ref: Runner, run_parent: Runner | None, run_test: Runner, feed: Mapping[str, np.ndarray],
-           audio_s: float, repeats: int) -> dict[str, Any]:
-    speed = quality.speed_figures(run_ref, run_parent, run_test, feed, audio_s, repeats)
+           audio_s: float, repeats: int, min_seconds: float = 0.0) -> dict[str, Any]:
+    speed = quality.speed_figures(run_ref, run_parent, run_test, feed, audio_s, repeats, min_seconds)
     if run_parent is not None:
         speed["parent_speedup_vs_torch_fp32"] = speed["torch_fp32_median_s"] / speed["parent_median_s"]
     speed["measured"] = True
@@ -123,7 +123,8 @@ class EncoderGate(ComponentGate):
         items, feeds = self._split("eval")
         longest = max(range(len(items)), key=lambda i: (len(feeds[i]), items[i].id))
         feed = {"mels": feeds[longest]}
-        return _speed(self.torch_runner, run_parent, run_test, feed, float(items[longest].duration_s), repeats)
+        return _speed(self.torch_runner, run_parent, run_test, feed, float(items[longest].duration_s), repeats,
+                      self.ctx.timing_min_seconds)
 
 
 class DecoderStepGate(ComponentGate):
@@ -208,4 +209,4 @@ class DecoderStepGate(ComponentGate):
         mel = self.ctx.source("synthesizer").contract.get("mel", {})
         audio_s = self.decoder_steps * self.syn_cfg.r * mel.get("hop_length", 256) / mel.get("sample_rate", 22050)
         return _speed(over_steps(self.torch_runner), over_steps(run_parent) if run_parent else None,
-                      over_steps(run_test), {}, audio_s, repeats)
+                      over_steps(run_test), {}, audio_s, repeats, self.ctx.timing_min_seconds)

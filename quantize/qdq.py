@@ -75,6 +75,29 @@ class FeedReader(CalibrationDataReader):
         self._it = iter(self._feeds[start_index:end_index])
 
 
+def calibrate(pre: Path, cfg: QuantizeConfig, feeds: Sequence[Mapping[str, np.ndarray]], cache: Path) -> Path:
+    """Tensor ranges of every input/output of `cfg.op_types` nodes on real feeds, saved to `cache`
+    in ORT's calibration-cache format.
+
+    ORT's calibrator is driven directly because `quantize_static` cannot set two things that
+    matter here: its Entropy method keeps num_bins = num_quantized_bins = 128, which leaves ONE
+    candidate threshold (the full range: Entropy silently equals MinMax), and its Percentile
+    method defaults to SYMMETRIC ranges [-t, t], which for mostly positive LeakyRelu outputs
+    wastes half of the U8 codes. Both use `histogram_bins` and asymmetric ranges here.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    extra: dict[str, object] = {"symmetric": False}
+    if cfg.calibration in ("entropy", "percentile"):
+        extra.update(num_bins=cfg.histogram_bins, num_quantized_bins=128, percentile=cfg.percentile)
+    with tempfile.TemporaryDirectory(prefix="voxport-calib-") as tmp:
+        calibrator = create_calibrator(Path(pre), list(cfg.op_types), augmented_model_path=str(Path(tmp) / "aug.onnx"),
+                                       calibrate_method=calibration_method(cfg.calibration), extra_options=extra)
+        calibrator.collect_data(FeedReader(feeds))
+        save_tensors_data(calibrator.compute_data(), cache)
+    return cache
+
+
 def quantize(pre: Path, out: Path, cfg: QuantizeConfig, nodes: Sequence[str], cache: Path,
              feeds: Sequence[Mapping[str, np.ndarray]] | None = None) -> Path:
     """Static QDQ quantization of exactly `nodes`, written atomically to `out`.
@@ -86,12 +109,14 @@ def quantize(pre: Path, out: Path, cfg: QuantizeConfig, nodes: Sequence[str], ca
 
     if not nodes:
         raise ValueError("quantize: no node to quantize")
+    if feeds is not None:
+        calibrate(pre, cfg, feeds, cache)
     activation, weight = quant_types(cfg)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".onnx", dir=out.parent)
     os.close(fd)
     try:
         quantize_static(
-            str(pre), tmp, FeedReader(feeds) if feeds is not None else None, quant_format=QuantFormat.QDQ,
+            str(pre), tmp, None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(cfg.op_types), nodes_to_quantize=list(nodes), per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range, activation_type=activation, weight_type=weight,
             calibrate_method=calibration_method(cfg.calibration),

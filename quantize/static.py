@@ -223,7 +223,8 @@ def measure_speed(spec: Any, run_fp32: Any, run_q: Any, ctx: StageContext, mel_c
                   seconds: float) -> dict[str, Any]:
     """Artifact vs PyTorch FP32 vs its ORT FP32 parent, interleaved in this process."""
     feed, audio_s = timing_feed(ctx, mel_cfg, seconds)
-    speed = quality.speed_figures(torch_runner(spec), run_fp32, run_q, feed, audio_s, ctx.timing_repeats)
+    speed = quality.speed_figures(torch_runner(spec), run_fp32, run_q, feed, audio_s, ctx.timing_repeats,
+                                  ctx.timing_min_seconds)
     speed["ort_fp32_speedup_vs_torch_fp32"] = speed["torch_fp32_median_s"] / speed["parent_median_s"]
     speed["measured"] = True
     return speed

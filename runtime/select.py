@@ -14,6 +14,7 @@ anything but the first preference.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,10 +57,23 @@ def _ratio(record: Record) -> float | None:
     return float(ratio) if ratio else None
 
 
-def _cpu_rank(record: Record) -> tuple[float, int]:
-    # Fastest measured first. An unmeasured FP32 export counts as PyTorch's speed (it computes the
-    # same thing); an unmeasured lossy artifact goes last: only a measured one has earned its place.
-    ratio = _ratio(record)
+def _parent_ratios(found: list[Record]) -> dict[str, float]:
+    """Speed-ups of artifacts that were timed only as some child's parent (an FP32 ONNX export is
+    timed beside every INT8 artifact made from it), by file: the median over those children."""
+    seen: dict[str, list[float]] = {}
+    for r in found:
+        speed = r.speed or {}
+        ratio = speed.get("parent_speedup_vs_torch_fp32") or speed.get("ort_fp32_speedup_vs_torch_fp32")
+        if r.parent and ratio:
+            seen.setdefault(r.parent, []).append(float(ratio))
+    return {file: statistics.median(values) for file, values in seen.items()}
+
+
+def _cpu_rank(record: Record, parent_ratios: dict[str, float]) -> tuple[float, int]:
+    # Fastest measured first. An FP32 export timed only as a child's parent takes that figure; one
+    # never timed counts as PyTorch's speed (it computes the same thing); an unmeasured lossy
+    # artifact goes last: only a measured one has earned its place.
+    ratio = _ratio(record) or parent_ratios.get(record.file)
     if ratio is None:
         ratio = 1.0 if record.precision == "fp32" else 0.0
     return (-ratio, 0 if record.precision == "fp32" else 1)
@@ -80,7 +94,8 @@ def _cpu_candidates(found: list[Record], host: Host, formats: tuple[str, ...]) -
             notes.append(f"{r.file} needs native bfloat16 (avx512_bf16 / amx_bf16), absent here")
         else:
             ok.append(r)
-    return sorted(ok, key=_cpu_rank), notes
+    parent_ratios = _parent_ratios(found)
+    return sorted(ok, key=lambda r: _cpu_rank(r, parent_ratios)), notes
 
 
 def _tier(tier: str, found: list[Record], host: Host) -> tuple[list[Record], str]:
@@ -119,8 +134,10 @@ def _tier(tier: str, found: list[Record], host: Host) -> tuple[list[Record], str
         if not ranked_cpu:
             return [], "no CPU artifact" + (f" ({'; '.join(notes)})" if notes else "")
         best = ranked_cpu[0]
-        ratio = _ratio(best)
-        speed = f"{ratio:.2f}x PyTorch FP32 measured" if ratio else "speed not measured"
+        ratio, as_parent = _ratio(best), _parent_ratios(found).get(best.file)
+        speed = (f"{ratio:.2f}x PyTorch FP32 measured" if ratio else
+                 f"{as_parent:.2f}x PyTorch FP32 measured beside its INT8 children" if as_parent else
+                 "speed not measured")
         others = f", fastest of {len(ranked_cpu)} CPU artifacts" if len(ranked_cpu) > 1 else ""
         return ranked_cpu, f"{best.format} {best.precision} on CPU, {speed}{others}"
     if tier == "torch":

@@ -62,3 +62,18 @@ def test_clone_writes_audio_and_says_weights_are_seeded(bundle: Path, corpus, tm
     assert "seeded" in text and "synthesizer/decoder_step" in text
     wav, sr = sf.read(out)
     assert sr == 22050 and len(wav) > 0
+
+
+def test_build_log_drops_onnxruntime_quantizer_chatter_but_not_its_warnings() -> None:
+    import logging
+
+    from voxport.commands import _drop_quantizer_chatter
+
+    def record(name: str, level: int, path: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, path, 1, "Quantization parameters for tensor x not specified", None, None)
+
+    ort_file = "/venv/lib/python3.11/site-packages/onnxruntime/quantization/base_quantizer.py"
+    assert not _drop_quantizer_chatter(record("root", logging.INFO, ort_file))
+    assert _drop_quantizer_chatter(record("root", logging.WARNING, ort_file))
+    assert _drop_quantizer_chatter(record("root", logging.INFO, "/work/voxport/build.py"))
+    assert _drop_quantizer_chatter(record("voxport.quantize.static", logging.INFO, "/x/voxport/quantize/static.py"))

@@ -155,3 +155,41 @@ def test_bf16_artifact_reloads_as_bfloat16_with_float32_boundaries(bundle: Path,
     with torch.inference_mode():
         (wav,) = spec.module(mel)
     assert wav.dtype == torch.float32 and wav.shape == (1, 1, 6 * 256)
+
+
+def _tiny_conv(path: Path) -> Path:
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [4, 4, 3],
+                           np.random.default_rng(0).standard_normal(48).astype(np.float32).ravel())
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1])], "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 256])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 256])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_histogram_calibrators_clip_outliers_with_asymmetric_ranges(tmp_path: Path):
+    """ORT's own defaults would make Entropy equal MinMax (128 bins: one candidate threshold) and
+    Percentile symmetric; `qdq.calibrate` must give neither."""
+    import numpy as np
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    model = _tiny_conv(tmp_path / "tiny.onnx")
+    rng = np.random.default_rng(1)
+    # Non-negative activations with rare large peaks (1 in 2000 values), like LeakyReLU outputs of speech.
+    feeds = [{"x": (rng.exponential(1.0, (1, 4, 256)) + (rng.random((1, 4, 256)) < 0.0005) * 30).astype(np.float32)}
+             for _ in range(6)]
+    ranges = {}
+    for method in ("minmax", "entropy", "percentile"):
+        qc = QuantizeConfig(calibration=method, percentile=99.9, op_types=("Conv",))
+        cache = qdq.calibrate(model, qc, feeds, tmp_path / f"{method}.json")
+        low, high = load_tensors_data(cache)["x"].range_value
+        ranges[method] = (float(np.min(low)), float(np.max(high)))
+    for method, clipped in (("entropy", 0.9), ("percentile", 0.5)):
+        low, high = ranges[method]
+        assert high < clipped * ranges["minmax"][1], f"{method} did not clip the peaks: {ranges}"
+        assert low >= 0.0, f"{method} range is symmetric (half the codes wasted on values never seen): {ranges}"

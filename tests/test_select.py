@@ -1,6 +1,7 @@
 """Artifact selection over simulated hosts, engine fingerprints, host requirements, and the
 runtime's refusal of artifacts that changed or were built for another GPU."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,17 @@ def test_unmeasured_fp32_export_beats_a_measured_slower_artifact() -> None:
     slow = rec("vocoder_pruned.onnx", "onnx", "fp32", "prune", ratio=0.7)
     choice = select([BUNDLE[0], BUNDLE[1], slow], "vocoder", "vocoder", CPU_ONLY)
     assert choice.record.file == "vocoder_fp32.onnx" and "speed not measured" in choice.reason
+
+
+def test_fp32_export_timed_as_a_parent_beats_its_slower_int8_child() -> None:
+    """The real encoder case: INT8 with its first LSTM float is 1.29x PyTorch, its FP32 ONNX
+    parent (timed beside it) 1.51x; the runtime must serve the parent."""
+    child = dataclasses.replace(rec("vocoder_int8.onnx", "onnx", "int8-dynamic", "quantize-dynamic"),
+                                parent="vocoder_fp32.onnx",
+                                speed={"speedup_vs_torch_fp32": 1.29, "parent_speedup_vs_torch_fp32": 1.51})
+    choice = select([BUNDLE[0], BUNDLE[1], child], "vocoder", "vocoder", CPU_ONLY)
+    assert choice.record.file == "vocoder_fp32.onnx"
+    assert "1.51x PyTorch FP32 measured beside its INT8 children" in choice.reason
 
 
 def test_strict_mode_refuses_fallback() -> None:
