@@ -101,19 +101,18 @@ def headline(record: Any) -> str:
         ("wav_snr_db_min", "wav SNR", "{:.1f} dB"), ("mr_stft_distance_max", "MR-STFT", "{:.2e}"),
         ("embedding_cosine_min", "cos", "{:.7f}"), ("mel_snr_db_min", "mel SNR", "{:.1f} dB"),
         ("stop_agreement_min", "stop agree", "{:.2f}"),
-        ("wav_snr_db_vs_fp32_min", "wav SNR vs FP32", "{:.1f} dB"),
     ):
         if key in p:
             parts.append(f"{label} {fmt.format(p[key])}")
+    if not parts and record.quality:  # lossy artifacts: the listener-side gate figures, not export parity
+        from voxport.summary import quality_headline
+
+        parts.append(quality_headline(record.quality))
     runtime_ops = (p.get("integer_ops") or {}).get("runtime")
     if runtime_ops:  # what ONNX Runtime really runs in integers, not what the file claims
         from voxport.quantize.qdq import integer_op_total
 
         parts.append(f"{integer_op_total(runtime_ops)} integer kernels")
-    if not parts and record.quality:  # e.g. a pruned PyTorch model: no export parity, a listener gate
-        from voxport.summary import quality_headline
-
-        parts.append(quality_headline(record.quality))
     reduction = (record.speed or {}).get("flops_reduction")
     if reduction:
         parts.append(f"FLOPs -{100 * reduction:.0f} %")

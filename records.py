@@ -11,7 +11,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,3 +180,15 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     except AttributeError:
         raise TypeError(f"not JSON serialisable: {type(obj).__name__}") from None
+
+
+def parent_speedups(records: Iterable[Record]) -> dict[str, float]:
+    """Speed-ups over PyTorch FP32 of artifacts timed only as some child's parent (an FP32 ONNX
+    export is timed beside every INT8 artifact made from it), by file: the median over children."""
+    seen: dict[str, list[float]] = {}
+    for r in records:
+        speed = r.speed or {}
+        ratio = speed.get("parent_speedup_vs_torch_fp32") or speed.get("ort_fp32_speedup_vs_torch_fp32")
+        if r.parent and ratio:
+            seen.setdefault(r.parent, []).append(float(ratio))
+    return {file: statistics.median(values) for file, values in seen.items()}

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from voxport.records import Record, atomic_write_text
+from voxport.records import Record, atomic_write_text, parent_speedups
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,16 @@ def quality_headline(quality: Mapping[str, Any]) -> str:
 
 
 def rows(records: Iterable[Record], variant: str = "") -> list[dict[str, Any]]:
-    """One row per artifact with a measured speed ratio vs PyTorch FP32 (plus each PyTorch original)."""
+    """One row per artifact with a measured speed ratio vs PyTorch FP32 (plus each PyTorch original).
+    An FP32 export timed only beside its children gets that figure: an INT8 artifact slower than
+    its own FP32 parent must not look like the best choice."""
+    records = list(records)
+    as_parent = parent_speedups(records)
     out = []
     for r in records:
         ratio = (r.speed or {}).get("speedup_vs_torch_fp32")
+        if not ratio and r.stage == "export" and r.file in as_parent:
+            ratio = as_parent[r.file]
         if (r.stage != "source" and not ratio) or (r.stage == "source" and variant):
             continue  # unmeasured, or the 1.0x reference repeated for every sweep variant
         out.append({"variant": variant, "component": r.component, "graph": r.graph, "file": r.file, "sha256": r.sha256,
@@ -44,8 +50,10 @@ def rows(records: Iterable[Record], variant: str = "") -> list[dict[str, Any]]:
                     "speedup_vs_torch_fp32": float(ratio) if ratio else 1.0,
                     "parent_speedup_vs_torch_fp32": (r.speed or {}).get("ort_fp32_speedup_vs_torch_fp32")
                     or (r.speed or {}).get("parent_speedup_vs_torch_fp32"),
-                    "passed": r.stage == "source" or (r.quality or {}).get("passed") is True,
-                    "quality": "reference" if r.stage == "source" else quality_headline(r.quality or {})})
+                    "passed": r.stage in ("source", "export") or (r.quality or {}).get("passed") is True,
+                    "quality": "reference" if r.stage == "source" else
+                    "FP32 export (timed as its children's parent)" if r.stage == "export" else
+                    quality_headline(r.quality or {})})
     return out
 
 

@@ -139,11 +139,29 @@ def validate_graph(
     return parity.worst(per_input), failures
 
 
-def ort_runner(path: Path, threads: int = 0) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+# ONNX Runtime graph optimization levels by the names records use (speed.session).
+GRAPH_OPTIMIZATION_LEVELS = ("basic", "extended", "all")
+
+
+def graph_optimization_level(name: str) -> object:
+    """ORT's enum for `basic` / `extended` / `all` (`all` adds layout transforms such as NHWC)."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if name not in levels:
+        raise ConfigError(f"unknown ONNX Runtime graph optimization level '{name}' (known: {', '.join(levels)})")
+    return levels[name]
+
+
+def ort_runner(path: Path, threads: int = 0, optimization: str = "all",
+               ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
     """A CPU ONNX Runtime session over feeds keyed by input name (validation inside a stage)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = graph_optimization_level(optimization)
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     # Spinning worker threads would steal the cores PyTorch is timed on in the same process.

@@ -14,12 +14,11 @@ anything but the first preference.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from voxport.errors import BackendUnavailable
-from voxport.records import Record
+from voxport.records import Record, parent_speedups
 from voxport.runtime.host import Host, fingerprint_mismatches
 
 TIERS = ("trt", "onnx-cuda", "cpu", "onnx", "torch")
@@ -57,18 +56,6 @@ def _ratio(record: Record) -> float | None:
     return float(ratio) if ratio else None
 
 
-def _parent_ratios(found: list[Record]) -> dict[str, float]:
-    """Speed-ups of artifacts that were timed only as some child's parent (an FP32 ONNX export is
-    timed beside every INT8 artifact made from it), by file: the median over those children."""
-    seen: dict[str, list[float]] = {}
-    for r in found:
-        speed = r.speed or {}
-        ratio = speed.get("parent_speedup_vs_torch_fp32") or speed.get("ort_fp32_speedup_vs_torch_fp32")
-        if r.parent and ratio:
-            seen.setdefault(r.parent, []).append(float(ratio))
-    return {file: statistics.median(values) for file, values in seen.items()}
-
-
 def _cpu_rank(record: Record, parent_ratios: dict[str, float]) -> tuple[float, int]:
     # Fastest measured first. An FP32 export timed only as a child's parent takes that figure; one
     # never timed counts as PyTorch's speed (it computes the same thing); an unmeasured lossy
@@ -94,7 +81,7 @@ def _cpu_candidates(found: list[Record], host: Host, formats: tuple[str, ...]) -
             notes.append(f"{r.file} needs native bfloat16 (avx512_bf16 / amx_bf16), absent here")
         else:
             ok.append(r)
-    parent_ratios = _parent_ratios(found)
+    parent_ratios = parent_speedups(found)
     return sorted(ok, key=lambda r: _cpu_rank(r, parent_ratios)), notes
 
 
@@ -134,7 +121,7 @@ def _tier(tier: str, found: list[Record], host: Host) -> tuple[list[Record], str
         if not ranked_cpu:
             return [], "no CPU artifact" + (f" ({'; '.join(notes)})" if notes else "")
         best = ranked_cpu[0]
-        ratio, as_parent = _ratio(best), _parent_ratios(found).get(best.file)
+        ratio, as_parent = _ratio(best), parent_speedups(found).get(best.file)
         speed = (f"{ratio:.2f}x PyTorch FP32 measured" if ratio else
                  f"{as_parent:.2f}x PyTorch FP32 measured beside its INT8 children" if as_parent else
                  "speed not measured")

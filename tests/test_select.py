@@ -206,6 +206,23 @@ def test_a_record_whose_sha256_does_not_match_is_refused(tmp_path: Path) -> None
         TensorRTBackend(host=TRT_A10).load(record, tmp_path)
 
 
+def test_onnxruntime_backend_runs_with_the_optimization_level_its_stage_measured_fastest(tmp_path: Path) -> None:
+    from voxport.runtime.backends.onnxruntime import OnnxRuntimeBackend, session_level
+
+    path = _tiny_onnx(tmp_path / "vocoder_int8.onnx", 2.0)
+    plain = rec(path.name, "onnx", "int8-static", "quantize-static", sha=sha256_file(path))
+    tuned = plain.replace(speed={"speedup_vs_torch_fp32": 2.6, "session": {"graph_optimization_level": "extended"}})
+    for record, level in ((plain, "all"), (tuned, "extended")):
+        backend = OnnxRuntimeBackend()
+        backend.load(record, tmp_path)
+        assert backend.graph_optimization == level
+        out = backend.infer({"mel": np.ones((1, 80, 4), dtype=np.float32)})["wav"]
+        assert np.allclose(out, 2.0)  # same answer at either level
+    assert session_level(tuned, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "all"  # CPU timing only
+    with pytest.raises(BackendUnavailable, match="unknown graph optimization level 'turbo'"):
+        OnnxRuntimeBackend().load(plain.replace(speed={"session": {"graph_optimization_level": "turbo"}}), tmp_path)
+
+
 def test_an_engine_for_another_host_is_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from voxport.runtime.backends import tensorrt as trt_backend
 

@@ -13,10 +13,23 @@ from pathlib import Path
 import numpy as np
 
 from voxport.errors import BackendUnavailable
+from voxport.export.onnx import GRAPH_OPTIMIZATION_LEVELS, graph_optimization_level
 from voxport.records import Record
 from voxport.runtime.backends.base import Backend, verified_artifact
 
 log = logging.getLogger(__name__)
+
+
+def session_level(record: Record, providers: Sequence[str]) -> str:
+    """The graph optimization level to run `record` with: the one its stage measured fastest on
+    CPU (`speed.session`), else ORT's full optimization. GPU providers always get `all`: the CPU
+    measurement says nothing about them."""
+    level = ((record.speed or {}).get("session") or {}).get("graph_optimization_level", "all")
+    if any(p != "CPUExecutionProvider" for p in providers):
+        return "all"
+    if level not in GRAPH_OPTIMIZATION_LEVELS:
+        raise BackendUnavailable(f"{record.file}: record asks for unknown graph optimization level '{level}'")
+    return level
 
 
 class OnnxRuntimeBackend(Backend):
@@ -33,6 +46,7 @@ class OnnxRuntimeBackend(Backend):
         self._inter = inter_op_threads
         self._session = None
         self._input_names: list[str] = []
+        self.graph_optimization = "all"
 
     def load(self, record: Record, bundle_dir: Path) -> None:
         import onnxruntime as ort
@@ -48,7 +62,8 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._intra
         opts.inter_op_num_threads = self._inter
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.graph_optimization = session_level(record, self._requested)
+        opts.graph_optimization_level = graph_optimization_level(self.graph_optimization)
         opts.log_severity_level = 3
         # No busy-waiting workers: on small hosts they starve the other engines (and requests)
         # sharing the cores; the latency they save is below our per-call timings.
@@ -62,7 +77,7 @@ class OnnxRuntimeBackend(Backend):
             )
         self._session = session
         self._input_names = [i.name for i in session.get_inputs()]
-        log.info("loaded %s on %s", record.file, actual)
+        log.info("loaded %s on %s (graph optimization: %s)", record.file, actual, self.graph_optimization)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
