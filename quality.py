@@ -84,9 +84,9 @@ def vocoder_gate(run_fp32: Runner, run_test: Runner, clips: list[SpeechClip], sa
     failures = []
     if figures["log_mel_distance_increase_db"] > gate["max_log_mel_increase_db"]:
         failures.append(f"log-mel distance +{figures['log_mel_distance_increase_db']:.2f} dB vs FP32 "
-                        f"> {gate['max_log_mel_increase_db']} dB")
+                        f"> {gate['max_log_mel_increase_db']:.3g} dB")
     if figures["pesq_drop"] > gate["max_pesq_drop"]:
-        failures.append(f"PESQ drop {figures['pesq_drop']:.2f} vs FP32 > {gate['max_pesq_drop']}")
+        failures.append(f"PESQ drop {figures['pesq_drop']:.2f} vs FP32 > {gate['max_pesq_drop']:.3g}")
     return figures, failures, baseline
 
 
@@ -134,7 +134,7 @@ def encoder_gate(run_fp32: Runner, run_test: Runner, items: list[CorpusItem], fe
                "gate": dict(gate)}
     failures = []
     if figures["embedding_cosine_min"] < gate["min_cosine"]:
-        failures.append(f"embedding cosine {figures['embedding_cosine_min']:.4f} vs FP32 < {gate['min_cosine']}")
+        failures.append(f"embedding cosine {figures['embedding_cosine_min']:.4f} vs FP32 < {gate['min_cosine']:.6g}")
     if changed:
         failures.append(f"{len(changed)} of {pairs} same/different-speaker decisions changed "
                         f"(threshold {threshold}): {changed[0]}")

@@ -66,6 +66,14 @@ class StageContext:
             raise ConfigError(f"no gate configured for {component} {precision} (conf gates)") from None
 
 
+def artifact_name(parent_file: str, tag: str) -> str:
+    """The file a stage derives from its parent: `vocoder_fp32.onnx` -> `vocoder_int8_static.onnx`;
+    a parent made by an earlier stage keeps its name (`vocoder_pruned_obs_structured_10.onnx` ->
+    `vocoder_pruned_obs_structured_10_int8_static.onnx`), so no stage ever writes over its parent."""
+    path = Path(parent_file)
+    return f"{path.stem.removesuffix('_fp32')}_{tag}{path.suffix}"
+
+
 StageFn = Callable[[Record, Any, StageContext], Record]
 _STAGES: dict[str, StageFn] = {}
 

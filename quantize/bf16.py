@@ -27,7 +27,7 @@ from voxport.export.onnx import torch_runner
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
 from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, StageSkipped, fail, register
+from voxport.stages import StageContext, StageSkipped, artifact_name, fail, register
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
     gate = ctx.gate(parent.component, PRECISION)
     fp32 = registry.load_torch_artifact(ctx.bundle_dir / parent.file, parent.model)
     model = {**parent.model, "dtype": "bfloat16"}
-    out = ctx.bundle_dir / parent.file.replace("_fp32.pt", "_bf16.pt")
+    out = ctx.bundle_dir / artifact_name(parent.file, "bf16")
     registry.save_torch_artifact(copy.deepcopy(fp32).to(torch.bfloat16), out)
     try:
         run_ref = torch_runner(registry.graph_specs(fp32, parent.model)["vocoder"])

@@ -38,7 +38,7 @@ from voxport.quantize import qdq, search, torch_dynamic
 from voxport.quantize.config import QuantizeConfig
 from voxport.quantize.gates import component_gate
 from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, fail, register
+from voxport.stages import StageContext, artifact_name, fail, register
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class OrtFlavour:
 
     def __init__(self, parent: Record, ctx: StageContext, qc: QuantizeConfig) -> None:
         self.parent, self.ctx, self.qc = parent, ctx, qc
-        self.out = ctx.bundle_dir / parent.file.replace("_fp32.onnx", "_int8_dynamic.onnx")
+        self.out = ctx.bundle_dir / artifact_name(parent.file, "int8_dynamic")
         self.run_parent: Runner | None = ort_runner(ctx.bundle_dir / parent.file, ctx.threads)
         self._tmp = tempfile.TemporaryDirectory(prefix="voxport-dyn-")
         # ORT's recommended pre-processing; node names are read from its result.

@@ -31,7 +31,7 @@ from voxport.models.checkpoint import sha256_file
 from voxport.quantize import emulate, qdq, search
 from voxport.quantize.config import QuantizeConfig
 from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, fail, register
+from voxport.stages import StageContext, artifact_name, fail, register
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,22 @@ def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
     if parent.format != "onnx" or parent.component != "vocoder":
         raise ConfigError(f"quantize_static quantizes the vocoder's ONNX graph; got {parent.format} {parent.key}")
     gate = ctx.gate(parent.component, PRECISION)
+    # The network the parent ONNX was exported from: the PyTorch original, or a model an earlier
+    # stage made (a pruned vocoder), whose layers the search must rank.
+    origin = torch_origin(parent, ctx)
+    module = registry.load_torch_artifact(ctx.bundle_dir / origin.file, origin.model)
+    spec = registry.graph_specs(module, origin.model)[parent.graph]
     source = ctx.source(parent.component)
-    module = registry.load_torch_artifact(ctx.bundle_dir / source.file, source.model)
-    spec = registry.graph_specs(module, source.model)[parent.graph]
+    reference_spec = spec if origin is source else registry.graph_specs(
+        registry.load_torch_artifact(ctx.bundle_dir / source.file, source.model), source.model)[parent.graph]
     mel_cfg, rate = module.cfg.mel, module.cfg.mel.sample_rate
     parent_path = ctx.bundle_dir / parent.file
-    out = ctx.bundle_dir / parent.file.replace("_fp32.onnx", "_int8_static.onnx")
+    out = ctx.bundle_dir / artifact_name(parent.file, "int8_static")
     run_fp32 = ort_runner(parent_path, ctx.threads)
+    # Quality is always judged against the ORIGINAL FP32 model, so losses of chained stages add up
+    # inside one gate instead of each stage spending the whole budget again.
+    original = original_export(ctx, parent)
+    run_original = run_fp32 if original is parent else ort_runner(ctx.bundle_dir / original.file, ctx.threads)
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="voxport-int8-") as tmp:
         work = Path(tmp)
@@ -68,7 +77,7 @@ def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
         # and gives the exact scales ORT chose, which the ranking emulates.
         every = qdq.quantize(pre, work / "all.onnx", qc, candidates, cache, feeds)
         timings["calibration_s"] = time.perf_counter() - t0
-        result = _mixed_precision(qc, pre, pre_model, every, cache, candidates, spec, run_fp32, ctx, gate, work)
+        result = _mixed_precision(qc, pre, pre_model, every, cache, candidates, spec, run_original, ctx, gate, work)
         timings["search_s"] = result.seconds
         if not result.quantized:
             fail(out.name, ["no layer can be quantized within the gate on calibration clips"],
@@ -86,20 +95,20 @@ def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
         ops = qdq.integer_summary(out)
         run_q = ort_runner(out, ctx.threads)
         clips = quality.gate_clips(ctx.corpus, mel_cfg, qc.gate_seconds)
-        baseline = vocoder_baseline(ctx, parent, run_fp32, clips, rate)
-        figures, failures, _ = quality.vocoder_gate(run_fp32, run_q, clips, rate, gate, baseline)
+        baseline = vocoder_baseline(ctx, original, run_original, clips, rate)
+        figures, failures, _ = quality.vocoder_gate(run_original, run_q, clips, rate, gate, baseline)
         if qdq.integer_op_total(ops["runtime"]) == 0:
             failures.append(f"INT8 silently stayed float: ONNX Runtime runs no integer kernel "
                             f"(file ops {ops['file']}, runtime ops {ops['runtime']})")
         speed: dict[str, Any] = {"measured": False, "why": "quality gate failed"}
         if not failures:
-            speed = measure_speed(spec, run_fp32, out, ctx, mel_cfg, qc.timing_seconds)
+            speed = measure_speed(reference_spec, run_fp32, out, ctx, mel_cfg, qc.timing_seconds)
             if gate.get("require_speedup") and speed["speedup_vs_parent"] <= 1.0:
                 failures.append(f"not faster than its parent: {speed['speedup_vs_parent']:.2f}x "
                                 f"{parent.file} (gate require_speedup)")
         float_nodes = {**kept, **result.float_nodes}
         parity = {
-            "reference": "ONNX Runtime FP32 parent on the held-out gate clips",
+            "reference": f"ONNX Runtime FP32 {original.file} on the held-out gate clips",
             "wav_snr_db_vs_fp32_min": figures["wav_snr_db_vs_fp32_min"],
             "mr_stft_distance_vs_fp32_max": figures["mr_stft_distance_vs_fp32_max"],
             "integer_ops": ops, "quantized_nodes": sorted(result.quantized), "float_nodes": float_nodes,
@@ -127,6 +136,23 @@ def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
     )
     write_record(record, ctx.bundle_dir)
     return record
+
+
+def torch_origin(parent: Record, ctx: StageContext) -> Record:
+    """The PyTorch record `parent` was exported from (its `parent` field), else the original."""
+    for r in ctx.records:
+        if r.format == "torch" and r.file == parent.parent and r.component == parent.component:
+            return r
+    return ctx.source(parent.component)
+
+
+def original_export(ctx: StageContext, parent: Record) -> Record:
+    """The FP32 ONNX export of the PyTorch original for `parent`'s graph (the oldest such record)."""
+    for r in ctx.records:
+        if (r.component, r.graph, r.format, r.precision, r.stage) == (parent.component, parent.graph, "onnx",
+                                                                      "fp32", "export"):
+            return r
+    return parent
 
 
 def _mixed_precision(qc: QuantizeConfig, pre: Path, pre_model: Any, every: Path, cache: Path,

@@ -198,3 +198,35 @@ def test_histogram_calibrators_clip_outliers_with_asymmetric_ranges(tmp_path: Pa
         low, high = ranges[method]
         assert high < clipped * ranges["minmax"][1], f"{method} did not clip the peaks: {ranges}"
         assert low >= 0.0, f"{method} range is symmetric (half the codes wasted on values never seen): {ranges}"
+
+
+def test_static_int8_chains_after_structured_pruning_and_is_gated_against_the_original(ctx: StageContext):
+    from voxport.models.checkpoint import sha256_file
+
+    ctx.gates = {"vocoder": {**GATES["vocoder"], "fp32": {"max_log_mel_increase_db": 0.3, "max_pesq_drop": 0.1,
+                                                          "require_speedup": False}}}
+    prune_cfg = {"gate_seconds": 1.0, "gate_clips": 2, "parity_clips": 1, "parity_seconds": 0.5,
+                 "timing_seconds": 0.5, "calibration_clips": 3, "calibration_seconds": 1.0, "graph": "vocoder",
+                 "default_sparsity": 0.05}
+    pruned = stage("prune_structured")(ctx.source("vocoder"), prune_cfg, ctx)
+    ctx.records.append(pruned)  # what the build does with a stage's record
+    assert ctx.find("vocoder", "vocoder", "onnx") == pruned  # `parent: onnx` now means the pruned model
+    pruned_sha = sha256_file(ctx.bundle_dir / pruned.file)
+    # Short clips and 3 calibration clips make pruning cost more than in a build; a wider INT8
+    # budget keeps this test about the chain, not about how much of the budget pruning left.
+    ctx.gates["vocoder"]["int8-static"] = {"max_log_mel_increase_db": 1.0, "max_pesq_drop": 0.4,
+                                           "require_speedup": False}
+    record = stage("quantize_static")(pruned, {**FAST, "exclude_nodes": STAGE1}, ctx)
+    assert record.file == "vocoder_pruned_obs_structured_5_int8_static.onnx"
+    assert sha256_file(ctx.bundle_dir / pruned.file) == pruned_sha  # the parent is never written over
+    assert record.parent == pruned.file and record.model == pruned.model
+    assert record.model["config"]["resblock_inner_channels"]  # the pruned network's shape, not V1's
+    # One gate for the whole chain: relative to the ORIGINAL FP32 export, not to the pruned parent.
+    assert record.parity["reference"].startswith("ONNX Runtime FP32 vocoder_fp32.onnx")
+    export = next(r for r in ctx.records if r.stage == "export" and r.format == "onnx")
+    (key,) = [k for k in ctx.cache if isinstance(k, str) and k.startswith("vocoder-baseline:")]
+    assert key.startswith(f"vocoder-baseline:{export.sha256}:")
+    original = ctx.cache[key]
+    assert record.quality["fp32_log_mel_distance_db"] == pytest.approx(original["log_mel_distance_db"])
+    assert record.quality["log_mel_distance_increase_db"] <= 1.0
+    assert record.parity["integer_ops"]["runtime"]["QLinearConv"] > 0

@@ -70,3 +70,13 @@ def test_side_by_side_times_short_workloads_for_more_rounds() -> None:
     adaptive = side_by_side(runners, {}, repeats=3, warmup=1, min_seconds=0.2)
     runs = {t["runs"] for t in adaptive.values()}
     assert len(runs) == 1 and 3 < runs.pop() <= 20  # interleaved: every runner the same rounds
+
+
+def test_derived_artifact_names_never_overwrite_the_parent() -> None:
+    from voxport.stages import artifact_name
+
+    assert artifact_name("vocoder_fp32.onnx", "int8_static") == "vocoder_int8_static.onnx"
+    assert artifact_name("speaker_encoder_fp32.onnx", "int8_dynamic") == "speaker_encoder_int8_dynamic.onnx"
+    assert artifact_name("vocoder_fp32.pt", "bf16") == "vocoder_bf16.pt"
+    chained = artifact_name("vocoder_pruned_obs_structured_10.onnx", "int8_static")
+    assert chained == "vocoder_pruned_obs_structured_10_int8_static.onnx"
