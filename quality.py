@@ -149,6 +149,8 @@ def side_by_side(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], 
                  warmup: int = 1, min_seconds: float = 0.0, max_repeats: int = 200) -> dict[str, dict[str, float]]:
     """Interleaved timed runs (round-robin, so drift and noise hit every runner alike).
 
+    The order rotates every round: an engine leaves work behind it (PyTorch's OpenMP workers keep
+    spinning for a while after a call), which would always slow whichever runner comes next.
     At least `repeats` rounds, and more for short workloads (a speaker-encoder call takes
     milliseconds) until the slowest runner has been timed for about `min_seconds`: a median of five
     millisecond runs on a shared host is mostly scheduler noise.
@@ -161,8 +163,9 @@ def side_by_side(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], 
             slowest = max(slowest, time.perf_counter() - start)
     rounds = max(repeats, min(max_repeats, math.ceil(min_seconds / slowest) if slowest > 0 else repeats))
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    order = list(runners.items())
+    for i in range(rounds):
+        for name, run in order[i % len(order):] + order[: i % len(order)]:
             start = time.perf_counter()
             run(feed)
             times[name].append(time.perf_counter() - start)

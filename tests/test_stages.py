@@ -80,3 +80,13 @@ def test_derived_artifact_names_never_overwrite_the_parent() -> None:
     assert artifact_name("vocoder_fp32.pt", "bf16") == "vocoder_bf16.pt"
     chained = artifact_name("vocoder_pruned_obs_structured_10.onnx", "int8_static")
     assert chained == "vocoder_pruned_obs_structured_10_int8_static.onnx"
+
+
+def test_side_by_side_rotates_the_order_so_no_runner_always_follows_the_same_one() -> None:
+    from voxport.quality import side_by_side
+
+    calls: list[str] = []
+    runners = {name: (lambda feed, name=name: calls.append(name)) for name in ("torch", "int8", "fp32")}
+    side_by_side(runners, {}, repeats=3, warmup=0)
+    rounds = [calls[i:i + 3] for i in range(0, 9, 3)]
+    assert rounds == [["torch", "int8", "fp32"], ["int8", "fp32", "torch"], ["fp32", "torch", "int8"]]
