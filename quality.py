@@ -181,15 +181,23 @@ def speed_figures(run_reference: Runner, run_parent: Runner | None, run_test: Ru
     if run_parent is not None:
         runners["parent"] = run_parent
     t = side_by_side(runners, feed, repeats, min_seconds=min_seconds)
+    return speed_from_timings(t, audio_seconds, "artifact", "parent" if run_parent is not None else None)
+
+
+def speed_from_timings(t: Mapping[str, Mapping[str, float]], audio_seconds: float, artifact: str,
+                       parent: str | None = None, reference: str = "torch_fp32") -> dict[str, Any]:
+    """The speed figures of runner `artifact` in a `side_by_side` table: medians, RTF and its ratio
+    to the PyTorch FP32 `reference` (and to `parent`, when that was timed too)."""
+    med, ref = t[artifact]["median_s"], t[reference]["median_s"]
     figures = {
         "audio_seconds": audio_seconds,
-        "median_s": t["artifact"]["median_s"],
-        "torch_fp32_median_s": t["torch_fp32"]["median_s"],
-        "speedup_vs_torch_fp32": t["torch_fp32"]["median_s"] / t["artifact"]["median_s"],
-        "rtf": t["artifact"]["median_s"] / audio_seconds if audio_seconds else None,
-        "repeats": t["artifact"]["runs"],
+        "median_s": med,
+        "torch_fp32_median_s": ref,
+        "speedup_vs_torch_fp32": ref / med,
+        "rtf": med / audio_seconds if audio_seconds else None,
+        "repeats": t[artifact]["runs"],
     }
-    if run_parent is not None:
-        figures["parent_median_s"] = t["parent"]["median_s"]
-        figures["speedup_vs_parent"] = t["parent"]["median_s"] / t["artifact"]["median_s"]
+    if parent is not None and parent in t:
+        figures["parent_median_s"] = t[parent]["median_s"]
+        figures["speedup_vs_parent"] = t[parent]["median_s"] / med
     return figures

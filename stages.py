@@ -9,8 +9,9 @@ writes the record only if the gate passed. On a failed gate it deletes what it w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,17 @@ class StageContext:
             return dict(self.gates[component][precision])
         except KeyError:
             raise ConfigError(f"no gate configured for {component} {precision} (conf gates)") from None
+
+
+def known_settings(config_cls: type, settings: Mapping[str, Any], section: str,
+                   ignored: tuple[str, ...] = ("graph",)) -> dict[str, Any]:
+    """The entries of `settings` that are fields of the dataclass `config_cls`; any other key (a
+    typo in conf/ or on the command line) is an error naming it, never silently dropped."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(settings) - known - set(ignored))
+    if unknown:
+        raise ConfigError(f"{section}: unknown settings {unknown} (known: {sorted(known)})")
+    return {k: v for k, v in settings.items() if k in known}
 
 
 def artifact_name(parent_file: str, tag: str) -> str:

@@ -10,7 +10,6 @@ a short input, the better proxy for FP16 arithmetic, is recorded beside them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -39,7 +38,7 @@ from voxport.export.onnx import torch_runner
 from voxport.export.ranges import RangeLimits, TensorRange, fp32_nodes, instrumented
 from voxport.models.checkpoint import sha256_file
 from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, fail, register
+from voxport.stages import StageContext, fail, known_settings, register
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +63,8 @@ class Fp16Config:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> Fp16Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known - {"graph"})
-        if unknown:
-            raise ConfigError(f"fp16: unknown settings {unknown} (known: {sorted(known)})")
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known}
-        return cls(**data)
+        data = known_settings(cls, settings, "fp16")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

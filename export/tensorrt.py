@@ -12,7 +12,6 @@ FP32-typed layer pinned to FP32, which emulates the same.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from voxport.export.profiles import ProfileConfig, axis_ranges, corpus_lengths, 
 from voxport.models.checkpoint import sha256_file
 from voxport.records import Record, now_iso, tool_versions, write_record
 from voxport.runtime.host import Host, detect, missing_requirements
-from voxport.stages import StageContext, fail, register
+from voxport.stages import StageContext, fail, known_settings, register
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +58,7 @@ class TensorRTConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> TensorRTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known - {"graph"})
-        if unknown:
-            raise ConfigError(f"tensorrt: unknown settings {unknown} (known: {sorted(known)})")
-        data = {k: v for k, v in settings.items() if k in known}
+        data = known_settings(cls, settings, "tensorrt")
         data["profile"] = ProfileConfig.from_dict(data.get("profile"))
         data["texts"] = tuple(data.get("texts") or ())
         return cls(**data)

@@ -93,14 +93,9 @@ def _speed(parent_module: HiFiGANGenerator, parent: Record, pruned_spec: Any, on
                               min_seconds=ctx.timing_min_seconds)
 
     def figures(name: str, parent_name: str) -> dict[str, Any]:
-        med, ref = t[name]["median_s"], t["torch_fp32"]["median_s"]
-        out = {"audio_seconds": seconds, "median_s": med, "torch_fp32_median_s": ref,
-               "speedup_vs_torch_fp32": ref / med, "rtf": med / seconds, "repeats": t[name]["runs"],
-               "threads": ctx.threads}
+        out = {**quality.speed_from_timings(t, seconds, name, parent_name), "threads": ctx.threads}
         if parent_name in t:
-            out.update(parent_median_s=t[parent_name]["median_s"],
-                       speedup_vs_parent=t[parent_name]["median_s"] / med,
-                       parent_speedup_vs_torch_fp32=ref / t[parent_name]["median_s"])
+            out["parent_speedup_vs_torch_fp32"] = out["torch_fp32_median_s"] / out["parent_median_s"]
         return out
 
     return figures("torch_pruned", "torch_fp32"), figures("onnx_pruned", "onnx_fp32")

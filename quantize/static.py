@@ -263,12 +263,8 @@ def measure_speed(spec: Any, run_fp32: Any, artifact: Path, ctx: StageContext, m
                **{f"artifact:{level}": ort_runner(artifact, ctx.threads, level) for level in SESSION_LEVELS}}
     t = quality.side_by_side(runners, feed, ctx.timing_repeats, min_seconds=ctx.timing_min_seconds)
     level = min(SESSION_LEVELS, key=lambda lv: t[f"artifact:{lv}"]["median_s"])
-    med, ref, parent = t[f"artifact:{level}"]["median_s"], t["torch_fp32"]["median_s"], t["parent"]["median_s"]
-    return {
-        "audio_seconds": audio_s, "median_s": med, "torch_fp32_median_s": ref, "speedup_vs_torch_fp32": ref / med,
-        "rtf": med / audio_s, "repeats": t[f"artifact:{level}"]["runs"], "parent_median_s": parent,
-        "speedup_vs_parent": parent / med, "ort_fp32_speedup_vs_torch_fp32": ref / parent,
-        "session": {"graph_optimization_level": level,
-                    "medians_s": {lv: t[f"artifact:{lv}"]["median_s"] for lv in SESSION_LEVELS}},
-        "measured": True,
-    }
+    speed = quality.speed_from_timings(t, audio_s, f"artifact:{level}", "parent")
+    return {**speed, "ort_fp32_speedup_vs_torch_fp32": speed["torch_fp32_median_s"] / speed["parent_median_s"],
+            "session": {"graph_optimization_level": level,
+                        "medians_s": {lv: t[f"artifact:{lv}"]["median_s"] for lv in SESSION_LEVELS}},
+            "measured": True}

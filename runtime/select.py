@@ -70,7 +70,8 @@ def _passed(record: Record) -> bool:
     return record.quality.get("passed", True) is not False
 
 
-def _cpu_candidates(found: list[Record], host: Host, formats: tuple[str, ...]) -> tuple[list[Record], list[str]]:
+def _cpu_candidates(found: list[Record], host: Host, formats: tuple[str, ...],
+                    parent_ratios: dict[str, float]) -> tuple[list[Record], list[str]]:
     ok, notes = [], []
     for r in found:
         if r.format not in formats or r.stage == "source" or not _passed(r):
@@ -81,7 +82,6 @@ def _cpu_candidates(found: list[Record], host: Host, formats: tuple[str, ...]) -
             notes.append(f"{r.file} needs native bfloat16 (avx512_bf16 / amx_bf16), absent here")
         else:
             ok.append(r)
-    parent_ratios = parent_speedups(found)
     return sorted(ok, key=lambda r: _cpu_rank(r, parent_ratios)), notes
 
 
@@ -117,11 +117,13 @@ def _tier(tier: str, found: list[Record], host: Host) -> tuple[list[Record], str
         onnx.sort(key=lambda r: _CUDA_PRECISIONS.index(r.precision))
         return onnx, f"onnx {onnx[0].precision} on ONNX Runtime CUDA"
     if tier in ("cpu", "onnx"):
-        ranked_cpu, notes = _cpu_candidates(found, host, ("onnx", "torch") if tier == "cpu" else ("onnx",))
+        parent_ratios = parent_speedups(found)
+        ranked_cpu, notes = _cpu_candidates(found, host, ("onnx", "torch") if tier == "cpu" else ("onnx",),
+                                            parent_ratios)
         if not ranked_cpu:
             return [], "no CPU artifact" + (f" ({'; '.join(notes)})" if notes else "")
         best = ranked_cpu[0]
-        ratio, as_parent = _ratio(best), parent_speedups(found).get(best.file)
+        ratio, as_parent = _ratio(best), parent_ratios.get(best.file)
         speed = (f"{ratio:.2f}x PyTorch FP32 measured" if ratio else
                  f"{as_parent:.2f}x PyTorch FP32 measured beside its INT8 children" if as_parent else
                  "speed not measured")
