@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 from voxport.errors import VoxportError
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 HYDRA_COMMANDS = ("build", "bench", "serve")
 COMMANDS = {
@@ -37,15 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if command in HYDRA_COMMANDS:
-            from voxport import commands
-
             if command == "bench":
                 rest = hydra_compare(rest)
             sys.argv = [f"voxport {command}", *rest]
-            return commands.run_hydra(command) or 0
-        from voxport import commands
-
-        return getattr(commands, f"cmd_{command}")(rest)
+            return run_hydra(command) or 0
+        return globals()[f"cmd_{command}"](rest)
     except VoxportError as exc:
         # One line, naming the problem; the traceback is for bugs, not for bad input.
         print(f"voxport {command}: error: {exc}", file=sys.stderr)
@@ -67,6 +68,159 @@ def hydra_compare(args: list[str]) -> list[str]:
 
 def parser(command: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"voxport {command}", description=COMMANDS[command])
+
+
+
+def run_hydra(command: str) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    # An absolute path: the editable install maps the package, and Hydra's module lookup of a
+    # relative path ("voxport.conf") would need conf/ to be a Python package.
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig) -> Any:
+        logging.getLogger().addFilter(_drop_quantizer_chatter)
+        try:
+            if command == "build":
+                return _build(cfg)
+            if command == "bench":
+                return _bench(cfg)
+            from voxport.runtime.serve.app import serve
+
+            return serve(cfg)
+        except VoxportError as exc:
+            print(f"voxport {command}: error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    _main()
+    return 0
+
+
+def _drop_quantizer_chatter(record: logging.LogRecord) -> bool:
+    """ONNX Runtime's quantizer logs one INFO line on the root logger per tensor it leaves float
+    (dozens per build); our stages record which layers stayed float, so only its warnings pass."""
+    return not (record.name == "root" and record.levelno < logging.WARNING
+                and "onnxruntime" in record.pathname.replace("\\", "/").split("/"))
+
+
+def _build(cfg: Any) -> None:
+    from voxport.pipeline.engine import build_bundle
+    from voxport.pipeline.summary import artifact_table, ranking_table, record_sweep_job, rows
+
+    sweep = _sweep_job()
+    if sweep is not None:  # `-m`: every variant builds its own bundle inside the sweep directory
+        cfg.out_dir = str(sweep[2])
+    bundle = build_bundle(cfg)
+    print(artifact_table(bundle.records, bundle.path))
+    print("\nfastest passing artifacts per component (speed measured side by side in this build):\n"
+          + ranking_table(rows(bundle.records)))
+    if sweep is not None:
+        table = record_sweep_job(sweep[0], sweep[1], bundle.records)
+        print(f"\nsweep ranking so far ({sweep[0]}/sweep_summary.md):\n{table}")
+    print(f"\nbundle: {bundle.path}/manifest.json")
+
+
+def _sweep_job() -> tuple[Path, str, Path] | None:
+    """(sweep directory, variant name, bundle directory) of a `-m` job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir), hc.job.override_dirname or str(hc.job.num), Path(hc.runtime.output_dir) / "bundle"
+
+
+def _bench(cfg: Any) -> None:
+    from voxport.benchmarks.run import run_bench
+
+    run = run_bench(cfg)
+    print(run.table)
+    print("wrote " + ", ".join(map(str, run.paths)))
+    run.raise_for_failures(cfg.compare, float(cfg.bench.max_regression))
+
+
+def cmd_corpus(argv: list[str]) -> int:
+    from voxport.evaluate.corpus import build_corpus, default_corpus_dir
+
+    ap = parser("corpus")
+    ap.add_argument("--out", type=Path, default=None, help=f"default: {default_corpus_dir()}")
+    ap.add_argument("--force", action="store_true", help="rebuild even if present")
+    args = ap.parse_args(argv)
+    path = build_corpus(args.out, force=args.force)
+    print(f"corpus: {path}/manifest.json")
+    return 0
+
+
+def cmd_vocode(argv: list[str]) -> int:
+    from voxport.evaluate import metrics
+    from voxport.models import audio
+
+    ap = parser("vocode")
+    ap.add_argument("--wav", type=Path, required=True, help="input speech (any rate; resampled)")
+    ap.add_argument("--out", type=Path, required=True, help="output wav")
+    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"),
+                    help="bundle from `voxport build` (its preferred vocoder artifact serves)")
+    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch",
+                    help="preference order of tiers trt, onnx-cuda, cpu, onnx, torch (e.g. torch)")
+    args = ap.parse_args(argv)
+    from voxport.runtime.cloner import VocoderOnly
+
+    vocoder = VocoderOnly(args.bundle, preference=args.prefer.split(","))
+    wav = audio.load_wav(args.wav, vocoder.sample_rate)
+    mel = audio.mel_spectrogram(wav, vocoder.mel_cfg)
+    out = vocoder.vocode(mel)
+    audio.save_wav(args.out, out, vocoder.sample_rate)
+    n = min(len(wav), len(out))
+    served = vocoder.served
+    print(f"vocoder: {served.file} ({served.format} {served.precision}, {served.weights} weights) "
+          f"on {', '.join(served.providers)}; {served.reason}")
+    print(f"copy synthesis of {n / vocoder.sample_rate:.2f} s: "
+          f"MR-STFT distance to input {metrics.mr_stft_distance(wav[:n], out[:n]):.3f}, "
+          f"log-mel distance {metrics.log_mel_distance_db(wav[:n], out[:n], vocoder.sample_rate):.2f} dB")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_clone(argv: list[str]) -> int:
+    from voxport.models import audio
+    from voxport.runtime.cloner import VoiceCloner
+
+    ap = parser("clone")
+    ap.add_argument("--ref", type=Path, required=True, help="reference speech of the voice to clone")
+    ap.add_argument("--text", required=True, help="text to speak (English or Chinese)")
+    ap.add_argument("--out", type=Path, required=True, help="output wav")
+    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
+    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch",
+                    help="preference order of tiers trt, onnx-cuda, cpu, onnx, torch")
+    ap.add_argument("--strict", action="store_true", help="refuse any fallback from --prefer's first")
+    ap.add_argument("--style", type=int, default=0, help="GST style token 0..9, or -1 (from speaker)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prenet dropout masks")
+    ap.add_argument("--max-steps", type=int, default=None, help="maximum decoder steps")
+    args = ap.parse_args(argv)
+    ref = audio.load_wav(args.ref, 16000)  # validate the reference before loading any model
+    cloner = VoiceCloner(args.bundle, preference=args.prefer.split(","), strict=args.strict)
+    wav = cloner.clone(ref, 16000, args.text, style_idx=args.style, seed=args.seed,
+                       max_decoder_steps=args.max_steps)
+    audio.save_wav(args.out, wav, cloner.sample_rate)
+    for served in cloner.served.values():
+        print(f"{served.key}: {served.file} ({served.weights} weights) on {', '.join(served.providers)}")
+    if "seeded" in cloner.weights.values():
+        seeded = [c for c, w in cloner.weights.items() if w == "seeded"]
+        print(f"note: {', '.join(seeded)} weights are seeded (untrained): the output is not speech")
+    print(f"wrote {args.out} ({len(wav) / cloner.sample_rate:.2f} s at {cloner.sample_rate} Hz)")
+    return 0
+
+
+def cmd_doctor(argv: list[str]) -> int:
+    from voxport.runtime.doctor import report
+
+    ap = parser("doctor")
+    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
+    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch", help="preference order of tiers")
+    args = ap.parse_args(argv)
+    print(report(args.bundle, tuple(args.prefer.split(","))))
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,3 +29,86 @@ class BackendUnavailable(VoxportError):
 
 class AudioError(VoxportError):
     """Input audio is unusable: empty, silent, too short, too long, or undecodable."""
+
+
+# The build (passes, gates, engines)
+
+
+class CorpusError(VoxportError):
+    """The corpus cannot be built (missing tool, stale apt lists) or is missing / corrupt."""
+
+
+class EngineBuildError(VoxportError):
+    """TensorRT could not parse or build the network; the message lists every error it gave."""
+
+
+class GateError(ParityError):
+    """An optimized artifact failed its quality (or speed) gate; `metrics` holds every figure."""
+
+
+class StageSkipped(VoxportError):
+    """A stage that cannot pay off on this host (e.g. bf16 without native bfloat16): no artifact,
+    not a failure. The build logs the reason and lists it in the manifest (`skipped_stages`)."""
+
+
+# Benchmarks
+
+
+class RegressionError(VoxportError):
+    """At least one bench row is slower than its baseline beyond the allowed ratio."""
+
+    def __init__(self, regressions: list, max_ratio: float, baseline: str) -> None:
+        self.regressions = regressions
+        rows = "; ".join(r.describe() for r in regressions)
+        super().__init__(f"{len(regressions)} row(s) slower than {baseline} by more than {max_ratio:.2f}x: {rows}")
+
+
+class BenchError(VoxportError):
+    """Some planned rows could not be measured (each named)."""
+
+
+# The service
+
+
+class Overloaded(VoxportError):
+    """The service is at capacity; `retry_after` is the suggested wait in seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(VoxportError):
+    """A request ran past its time limit."""
+
+
+class InvalidVoiceId(VoxportError):
+    """A voice id that is not a server-made id (e.g. looks like a path)."""
+
+
+class VoiceNotFound(VoxportError):
+    """No voice with that id in the library."""
+
+
+class LibraryFull(VoxportError):
+    """The voice alone exceeds the library's byte limit (eviction cannot make room)."""
+
+
+class RequestError(ConfigError):
+    """A request that cannot be served as given (422 unless `status` says otherwise)."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UploadError(VoxportError):
+    """An upload that cannot be accepted; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Cancelled(VoxportError):
+    """Synthesis stopped on request (client gone, request timeout)."""

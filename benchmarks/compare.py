@@ -15,18 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from voxport.errors import ConfigError, VoxportError
+from voxport.errors import ConfigError, RegressionError
 
 log = logging.getLogger(__name__)
-
-
-class RegressionError(VoxportError):
-    """At least one bench row is slower than its baseline beyond the allowed ratio."""
-
-    def __init__(self, regressions: list[Regression], max_ratio: float, baseline: str) -> None:
-        self.regressions = regressions
-        rows = "; ".join(r.describe() for r in regressions)
-        super().__init__(f"{len(regressions)} row(s) slower than {baseline} by more than {max_ratio:.2f}x: {rows}")
 
 
 @dataclass(frozen=True)

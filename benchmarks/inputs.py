@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from voxport.corpus import Corpus, CorpusItem
 from voxport.errors import ConfigError
-from voxport.records import Record
+from voxport.evaluate.corpus import Corpus, CorpusItem
+from voxport.pipeline.records import Record
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ def prepare(corpus: Corpus, records: list[Record], bundle_dir: Path, lengths: di
     from voxport.models import audio, registry
     from voxport.models import speaker_encoder as se
     from voxport.models.synthesizer import SynthesizerConfig
-    from voxport.models.synthesizer_loop import draw_encoder_masks
     from voxport.models.text import encode_text
+    from voxport.runtime.synthesizer_loop import draw_encoder_masks
 
     sources = {r.component: r for r in records if r.stage == "source"}
     missing = {"speaker_encoder", "synthesizer", "vocoder"} - set(sources)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from voxport.records import atomic_write_text
+from voxport.pipeline.records import atomic_write_text
 
 # (key in the row's quality figures, label, format): the record's headline figures, in this order.
 _HEADLINE = (

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from voxport.benchmarks import compare, flops, hardware, report
 from voxport.benchmarks.inputs import prepare
-from voxport.errors import ConfigError, VoxportError
-from voxport.records import Record, now_iso, read_bundle
+from voxport.errors import BenchError, ConfigError, VoxportError
+from voxport.pipeline.records import Record, now_iso, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ METHOD = [
 ]
 
 
-class BenchError(VoxportError):
-    """Some planned rows could not be measured (each named)."""
-
-
 @dataclass
 class BenchRun:
     result: dict[str, Any]
@@ -73,7 +69,7 @@ def run_bench(cfg: Any) -> BenchRun:
     bundle = Path(str(b.bundle))
     if not (bundle / "manifest.json").is_file():
         raise ConfigError(f"no built bundle at {bundle} (no manifest.json): run `voxport build` first")
-    from voxport.build import ensure_corpus
+    from voxport.pipeline.engine import ensure_corpus
 
     started = time.perf_counter()
     records = read_bundle(bundle)

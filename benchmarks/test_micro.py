@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from voxport.records import Record, read_bundle
+from voxport.pipeline.records import Record, read_bundle
 
 BUNDLE = Path(os.environ.get("VOXPORT_BENCH_BUNDLE", Path(__file__).resolve().parents[1] / "artifacts" / "default"))
 ROUNDS = int(os.environ.get("VOXPORT_BENCH_ROUNDS", "3"))
@@ -30,7 +30,7 @@ CASES = [(r, g) for r in RECORDS for g in (SYNTH_GRAPHS if r.graph == "*" else (
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory):
     from voxport.benchmarks.inputs import prepare
-    from voxport.build import ensure_corpus
+    from voxport.pipeline.engine import ensure_corpus
 
     return prepare(ensure_corpus(None), RECORDS, BUNDLE, {"short": 1.0}, 3.0, seed=1234)
 

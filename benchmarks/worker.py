@@ -31,7 +31,7 @@ import numpy as np
 
 from voxport.benchmarks.inputs import BenchInputs
 from voxport.benchmarks.stats import summarize
-from voxport.records import Record, read_bundle
+from voxport.pipeline.records import Record, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _decoder_case(record: Record, infer: Callable[[dict], dict], inputs: BenchIn
     import torch
 
     from voxport.models.synthesizer import SynthesizerConfig
-    from voxport.models.synthesizer_loop import run_host_loop
+    from voxport.runtime.synthesizer_loop import run_host_loop
 
     a, m = inputs.arrays, inputs.meta["lengths"][label]
     cfg = SynthesizerConfig.from_dict(record.model["config"])

@@ -23,9 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from voxport import quality
 from voxport.errors import ConfigError
-from voxport.export import inputs
+from voxport.evaluate import inputs, quality
 from voxport.export.gate import (
     gate_graph,
     quiet_runner,
@@ -37,8 +36,8 @@ from voxport.export.gate import (
 from voxport.export.onnx import torch_runner
 from voxport.export.ranges import RangeLimits, TensorRange, fp32_nodes, instrumented
 from voxport.models.checkpoint import sha256_file
-from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, fail, known_settings, register
+from voxport.pipeline.passes import StageContext, fail, known_settings, register
+from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ def reference_ranges(parent: Record, model: onnx.ModelProto, ctx: StageContext, 
     import torch
 
     from voxport.models.synthesizer import SynthesizerConfig
-    from voxport.models.synthesizer_loop import run_host_loop
+    from voxport.runtime.synthesizer_loop import run_host_loop
 
     syn_cfg = SynthesizerConfig.from_dict(source.model["config"])
     graphs = {g: run if g == parent.graph else quiet_runner(ctx.bundle_dir / ctx.find(parent.component, g, "onnx").file)

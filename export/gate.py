@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxport import metrics, quality
-from voxport.export import inputs
+from voxport.evaluate import inputs, metrics, quality
 from voxport.models import registry
 from voxport.models.graph import GraphSpec
-from voxport.records import Record
-from voxport.stages import StageContext
+from voxport.pipeline.passes import StageContext
+from voxport.pipeline.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +126,16 @@ def gate_graph(parent: Record, run_test: Runner, ctx: StageContext, gate: Mappin
         spec = specs["speaker_encoder"]
         items, feeds = encoder_gate_inputs(ctx, spec.module.encoder.cfg)
         return quality.encoder_gate(torch_runner(spec), run_test, items, feeds, gate)
-    from voxport.export import validate
+    from voxport.evaluate import parity
     from voxport.models.synthesizer import SynthesizerConfig
-    from voxport.models.synthesizer_loop import torch_runner as loop_runner
+    from voxport.runtime.synthesizer_loop import torch_runner as loop_runner
 
     cfg = SynthesizerConfig.from_dict(source.model["config"])
     runners = {name: loop_runner(spec) for name, spec in specs.items()}
     runners.update(others or {})
     runners[parent.graph] = run_test
     cases = synthesizer_cases(ctx, list(settings.get("texts") or ()), cfg.n_symbols)
-    figures, failures = validate.synthesizer(specs, runners, cases, int(gate.get("steps", 30)), ctx.seed, gate, cfg)
+    figures, failures = parity.synthesizer(specs, runners, cases, int(gate.get("steps", 30)), ctx.seed, gate, cfg)
     figures["graphs_under_test"] = sorted({parent.graph, *(others or {})})
     return figures, failures
 
@@ -196,16 +195,16 @@ def torch_half_figures(parent: Record, ctx: StageContext, seconds: float, texts:
         ref, out = torch_runner(spec)(feed)["embeddings"], half(feed)["embeddings"]
         return {"partials": int(ref.shape[0]),
                 "partial_cosine_min": min(metrics.cosine(a, b) for a, b in zip(ref, out, strict=True))}
-    from voxport.export import validate
+    from voxport.evaluate import parity
     from voxport.models.synthesizer import SynthesizerConfig
-    from voxport.models.synthesizer_loop import torch_runner as loop_runner
+    from voxport.runtime.synthesizer_loop import torch_runner as loop_runner
 
     cfg = SynthesizerConfig.from_dict(source.model["config"])
     runners = {name: loop_runner(s) for name, s in specs.items()}
     runners[parent.graph] = half
     steps = 10  # a handful of decoder steps: CPU half kernels are slow, and errors show early
     cases = synthesizer_cases(ctx, list(texts)[:1], cfg.n_symbols)
-    figures, _ = validate.synthesizer(specs, runners, cases, steps, ctx.seed,
+    figures, _ = parity.synthesizer(specs, runners, cases, steps, ctx.seed,
                                       {"min_mel_snr_db": 0.0, "min_stop_agreement": 0.0}, cfg)
     return {"decoder_steps": steps, "mel_snr_db_min": figures["mel_snr_db_min"],
             "stop_agreement_min": figures["stop_agreement_min"]}

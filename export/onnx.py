@@ -20,9 +20,9 @@ import onnx
 import torch
 
 from voxport.errors import ConfigError
-from voxport.export import parity
+from voxport.evaluate import compare
 from voxport.models.graph import GraphSpec
-from voxport.records import TensorSpec
+from voxport.pipeline.records import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +125,18 @@ def validate_graph(
     spec: GraphSpec,
     run_artifact: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
     feeds: Sequence[Mapping[str, np.ndarray]],
-    tolerances: Mapping[str, parity.Tolerance],
+    tolerances: Mapping[str, compare.Tolerance],
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Run the same feeds through PyTorch and the artifact; worst-case figures and failures."""
     run_ref = torch_runner(spec)
     per_input, failures = [], []
     for i, feed in enumerate(feeds):
-        figures, fails = parity.compare(
+        figures, fails = compare.compare(
             run_ref(feed), run_artifact(feed), tolerances, label=f"{spec.artifact_stem}[{i}] "
         )
         per_input.append(figures)
         failures.extend(fails)
-    return parity.worst(per_input), failures
+    return compare.worst(per_input), failures
 
 
 # ONNX Runtime graph optimization levels by the names records use (speed.session).

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from voxport.errors import ConfigError
-from voxport.records import TensorSpec
+from voxport.pipeline.records import TensorSpec
 
 Range = tuple[int, int, int]  # (min, opt, max)
 

@@ -19,23 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxport import quality
-from voxport.errors import ConfigError, VoxportError
+from voxport.errors import ConfigError, EngineBuildError
+from voxport.evaluate import quality
 from voxport.export.gate import gate_graph, reference_specs, timing_feed
 from voxport.export.onnx import torch_runner
 from voxport.export.profiles import ProfileConfig, axis_ranges, corpus_lengths, profile_shapes
 from voxport.models.checkpoint import sha256_file
-from voxport.records import Record, now_iso, tool_versions, write_record
+from voxport.pipeline.passes import StageContext, fail, known_settings, register
+from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
 from voxport.runtime.host import Host, detect, missing_requirements
-from voxport.stages import StageContext, fail, known_settings, register
 
 log = logging.getLogger(__name__)
 
 STRONG_TYPING_SINCE = (10, 12)
-
-
-class EngineBuildError(VoxportError):
-    """TensorRT could not parse or build the network; the message lists every error it gave."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from voxport.errors import ConfigError
-from voxport.export.inputs import SpeechClip
+from voxport.evaluate.inputs import SpeechClip
 from voxport.models.audio import MelConfig, _mel_basis
 from voxport.models.vocoder import HiFiGANGenerator
 

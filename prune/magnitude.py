@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from voxport.errors import ConfigError
+from voxport.pipeline.passes import StageContext, register
+from voxport.pipeline.records import Record
 from voxport.prune.vocoder_stage import finish_vocoder_stage, load_parent, target_sparsity
-from voxport.records import Record
-from voxport.stages import StageContext, register
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxport.export import inputs
+from voxport.evaluate import inputs
+from voxport.pipeline.passes import StageContext, register
+from voxport.pipeline.records import Record
 from voxport.prune.channels import prune_vocoder
 from voxport.prune.finetune import finetune
 from voxport.prune.vocoder_stage import finish_vocoder_stage, load_parent, target_sparsity
-from voxport.records import Record
-from voxport.stages import StageContext, register
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from voxport import quality
 from voxport.errors import ConfigError
-from voxport.export import inputs, validate
+from voxport.evaluate import inputs, parity, quality
 from voxport.export.onnx import OnnxExportConfig, export_graph, ort_runner, tensor_specs, torch_runner
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
 from voxport.models.vocoder import HiFiGANGenerator
+from voxport.pipeline.passes import StageContext, fail
+from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
 from voxport.prune.flops import vocoder_flops_per_second
-from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, fail
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +125,11 @@ def finish_vocoder_stage(parent: Record, pruned: HiFiGANGenerator, cfg: dict[str
         export_graph(spec, onnx_path, _export_config(ctx))
         feeds = inputs.vocoder_feeds(inputs.speech_clips(
             ctx.corpus, module.cfg.mel, int(cfg.get("parity_clips", 2)), float(cfg.get("parity_seconds", 1.0))))
-        parity, parity_failures = validate.vocoder(
+        onnx_parity, parity_failures = parity.vocoder(
             spec, ort_runner(onnx_path, ctx.threads), feeds, {"min_snr_db": float(cfg.get("onnx_min_snr_db", 100.0))})
         if parity_failures:
-            fail(f"{stem} (ONNX export of the pruned vocoder)", parity_failures, {**figures, "onnx_parity": parity},
+            fail(f"{stem} (ONNX export of the pruned vocoder)", parity_failures,
+                 {**figures, "onnx_parity": onnx_parity},
                  written)
         speed_torch, speed_onnx = _speed(parent_module, parent, spec, onnx_path, cfg, ctx)
         if quality_figures["gate"].get("require_speedup") and speed_torch["speedup_vs_torch_fp32"] <= 1.0:
@@ -148,7 +148,7 @@ def finish_vocoder_stage(parent: Record, pruned: HiFiGANGenerator, cfg: dict[str
                           speed={**speed_torch, **size}, created=now_iso(), **common)
     ins, outs = tensor_specs(spec)
     onnx_record = Record(format="onnx", file=onnx_path.name, sha256=sha256_file(onnx_path), inputs=ins,
-                         outputs=outs, parent=torch_path.name, parent_sha256=torch_record.sha256, parity=parity,
+                         outputs=outs, parent=torch_path.name, parent_sha256=torch_record.sha256, parity=onnx_parity,
                          speed={**speed_onnx, **size}, created=now_iso(), **common)
     write_record(torch_record, ctx.bundle_dir)
     write_record(onnx_record, ctx.bundle_dir)

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from voxport import quality
-from voxport.errors import ConfigError
+from voxport.errors import ConfigError, StageSkipped
+from voxport.evaluate import quality
 from voxport.export.onnx import torch_runner
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
-from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, StageSkipped, artifact_name, fail, register
+from voxport.pipeline.passes import StageContext, artifact_name, fail, register
+from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from voxport.errors import ConfigError
 from voxport.export.onnx import ort_runner, tensor_specs, torch_runner
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
+from voxport.pipeline.passes import StageContext, artifact_name, fail, register
+from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
 from voxport.quantize import qdq, search, torch_dynamic
 from voxport.quantize.config import QuantizeConfig
 from voxport.quantize.gates import component_gate
-from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, artifact_name, fail, register
 
 log = logging.getLogger(__name__)
 

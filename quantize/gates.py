@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from voxport import quality
 from voxport.errors import AudioError, ConfigError
-from voxport.export import inputs
+from voxport.evaluate import inputs, quality
+from voxport.pipeline.passes import StageContext
 from voxport.quantize.config import QuantizeConfig
-from voxport.stages import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ class DecoderStepGate(ComponentGate):
     def __init__(self, specs: Mapping[str, Any], ctx: StageContext, qc: QuantizeConfig,
                  gate: Mapping[str, Any]) -> None:
         from voxport.models.synthesizer import SynthesizerConfig
-        from voxport.models.synthesizer_loop import torch_runner
+        from voxport.runtime.synthesizer_loop import torch_runner
 
         self.specs, self.ctx, self.qc, self.gate = specs, ctx, qc, dict(gate)
         self.syn_cfg = SynthesizerConfig.from_dict(ctx.source("synthesizer").model["config"])
@@ -162,12 +161,12 @@ class DecoderStepGate(ComponentGate):
 
     def evaluate(self, run_fp32: Runner, run_test: Runner, split: str, margin: float,
                  ) -> tuple[dict[str, Any], list[str]]:
-        from voxport.export import validate
+        from voxport.evaluate import parity
 
         tol = {"min_mel_snr_db": float(self.gate["min_mel_snr_db"]) - 10 * math.log10(margin),
                "min_stop_agreement": 1.0 - (1.0 - float(self.gate["min_stop_agreement"])) * margin}
         runners = {**self._fp32, "decoder_step": run_test}
-        figures, failures = validate.synthesizer(self.specs, runners, self._split(split), self.decoder_steps,
+        figures, failures = parity.synthesizer(self.specs, runners, self._split(split), self.decoder_steps,
                                                  self.ctx.seed, tol, self.syn_cfg)
         return {**figures, "split": split, "gate": {**self.gate, **tol}}, failures
 
@@ -185,7 +184,7 @@ class DecoderStepGate(ComponentGate):
         """Time `steps` real decoder steps (feeds captured from an FP32 host loop)."""
         import torch
 
-        from voxport.models.synthesizer_loop import run_host_loop
+        from voxport.runtime.synthesizer_loop import run_host_loop
 
         feeds: list[Mapping[str, np.ndarray]] = []
 

@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxport import metrics, quality
 from voxport.errors import ConfigError
-from voxport.export.inputs import SpeechClip, speech_clips
+from voxport.evaluate import metrics, quality
+from voxport.evaluate.inputs import SpeechClip, speech_clips
 from voxport.export.onnx import ort_runner, torch_runner
 from voxport.models import audio, registry
 from voxport.models.checkpoint import sha256_file
+from voxport.pipeline.passes import StageContext, artifact_name, fail, register
+from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
 from voxport.quantize import emulate, qdq, search
 from voxport.quantize.config import QuantizeConfig
-from voxport.records import Record, now_iso, tool_versions, write_record
-from voxport.stages import StageContext, artifact_name, fail, register
 
 log = logging.getLogger(__name__)
 

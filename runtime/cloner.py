@@ -23,13 +23,13 @@ from voxport.models import speaker_encoder as se
 from voxport.models import text as text_frontend
 from voxport.models.audio import MelConfig
 from voxport.models.synthesizer import SynthesizerConfig
-from voxport.models.synthesizer_loop import run_host_loop
-from voxport.records import Record, read_bundle
+from voxport.pipeline.records import Record, read_bundle
 from voxport.runtime import streaming
 from voxport.runtime.backends import Backend, open_first
 from voxport.runtime.controls import TimeResampler, mel_floor, shift_pitch
 from voxport.runtime.host import Host, detect
 from voxport.runtime.select import DEFAULT_PREFERENCE, ranked
+from voxport.runtime.synthesizer_loop import run_host_loop
 
 log = logging.getLogger(__name__)
 

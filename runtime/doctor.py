@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from voxport.errors import VoxportError
-from voxport.records import read_bundle
+from voxport.pipeline.records import read_bundle
 from voxport.runtime.host import Host, detect
 from voxport.runtime.select import DEFAULT_PREFERENCE, ranked
 

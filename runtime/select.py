@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from voxport.errors import BackendUnavailable
-from voxport.records import Record, parent_speedups
+from voxport.pipeline.records import Record, parent_speedups
 from voxport.runtime.host import Host, fingerprint_mismatches
 
 TIERS = ("trt", "onnx-cuda", "cpu", "onnx", "torch")

@@ -25,18 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from voxport.errors import ConfigError, VoxportError
+from voxport.errors import Cancelled, ConfigError
 from voxport.models.synthesizer import SynthesizerConfig
 from voxport.models.synthesizer_graphs import STATE_NAMES, initial_decoder_state
-from voxport.models.synthesizer_loop import Runner, draw_decoder_masks, draw_encoder_masks
+from voxport.runtime.synthesizer_loop import Runner, draw_decoder_masks, draw_encoder_masks
 
 log = logging.getLogger(__name__)
 
 StopCheck = Callable[[], bool]
-
-
-class Cancelled(VoxportError):
-    """Synthesis stopped on request (client gone, request timeout)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from voxport.corpus import Corpus, build_corpus, load_corpus
+from voxport.evaluate.corpus import Corpus, build_corpus, load_corpus
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -29,7 +29,7 @@ def corpus() -> Corpus:
 
 @pytest.fixture(scope="session")
 def bundle(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from voxport.build import build_bundle
+    from voxport.pipeline.engine import build_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "default"
     cfg = compose_config(

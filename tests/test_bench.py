@@ -14,7 +14,7 @@ from voxport.benchmarks import compare, flops, hardware, report, stats
 from voxport.benchmarks.run import SYNTH_GRAPHS, _run_job, plan_jobs, run_bench
 from voxport.cli import hydra_compare
 from voxport.errors import ConfigError
-from voxport.records import read_bundle
+from voxport.pipeline.records import read_bundle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -163,7 +163,7 @@ def test_speed_vs_quality_points_and_charts(tmp_path: Path) -> None:
 
 
 def test_plan_covers_every_artifact_and_gpu_rows_only_where_cuda_exists() -> None:
-    from voxport.records import Record
+    from voxport.pipeline.records import Record
 
     def rec(component: str, graph: str, fmt: str, precision: str, file: str, stage: str = "export") -> Record:
         return Record(component=component, graph=graph, format=fmt, precision=precision, file=file,

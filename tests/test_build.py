@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import compose_config
 
-from voxport.build import build_bundle
 from voxport.errors import ParityError
-from voxport.records import read_bundle, read_record
+from voxport.pipeline.engine import build_bundle
+from voxport.pipeline.records import read_bundle, read_record
 
 
 def test_bundle_has_manifest_and_a_record_per_artifact(bundle: Path) -> None:

@@ -67,7 +67,7 @@ def test_clone_writes_audio_and_says_weights_are_seeded(bundle: Path, corpus, tm
 def test_build_log_drops_onnxruntime_quantizer_chatter_but_not_its_warnings() -> None:
     import logging
 
-    from voxport.commands import _drop_quantizer_chatter
+    from voxport.cli import _drop_quantizer_chatter
 
     def record(name: str, level: int, path: str) -> logging.LogRecord:
         return logging.LogRecord(name, level, path, 1, "Quantization parameters for tensor x not specified", None, None)

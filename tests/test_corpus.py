@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voxport import corpus as corpus_mod
-from voxport.corpus import SAMPLE_RATES, Corpus, CorpusError, build_corpus, load_corpus
+from voxport.errors import CorpusError
+from voxport.evaluate import corpus as corpus_mod
+from voxport.evaluate.corpus import SAMPLE_RATES, Corpus, build_corpus, load_corpus
 
 REAL_SOURCES = {"asterisk-core-sounds-en-wav", "codec2-examples", "alsa-utils"}
 
@@ -104,7 +105,7 @@ def test_rebuild_without_force_is_a_noop(corpus: Corpus) -> None:
 
 
 def test_missing_corpus_names_the_build_command(tmp_path) -> None:
-    with pytest.raises(CorpusError, match="python -m voxport.corpus"):
+    with pytest.raises(CorpusError, match="python -m voxport.evaluate.corpus"):
         load_corpus(tmp_path / "nothing")
 
 

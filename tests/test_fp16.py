@@ -194,13 +194,13 @@ def encoder_ctx(tmp_path_factory: pytest.TempPathFactory, corpus):
     """A bundle holding the real GE2E encoder: PyTorch original + validated FP32 ONNX export."""
     from omegaconf import OmegaConf
 
-    from voxport.build import write_source
     from voxport.export.onnx import OnnxExportConfig, export_graph, tensor_specs
     from voxport.models.checkpoint import sha256_file
     from voxport.models.registry import graph_specs
     from voxport.models.stack import _speaker_encoder
-    from voxport.records import Record
-    from voxport.stages import StageContext
+    from voxport.pipeline.engine import write_source
+    from voxport.pipeline.passes import StageContext
+    from voxport.pipeline.records import Record
 
     cfg = compose_config()
     bundle = tmp_path_factory.mktemp("encoder")
@@ -222,8 +222,8 @@ def encoder_ctx(tmp_path_factory: pytest.TempPathFactory, corpus):
 
 
 def test_fp16_stage_on_the_real_speaker_encoder(encoder_ctx) -> None:
-    from voxport.records import read_record
-    from voxport.stages import stage
+    from voxport.pipeline.passes import stage
+    from voxport.pipeline.records import read_record
 
     ctx, settings = encoder_ctx
     parent = ctx.find("speaker_encoder", "speaker_encoder", "onnx")
@@ -244,8 +244,9 @@ def test_fp16_stage_on_the_real_speaker_encoder(encoder_ctx) -> None:
 
 
 def test_fp16_stage_failing_its_gate_leaves_no_artifact(encoder_ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    from voxport.errors import GateError
     from voxport.export import fp16
-    from voxport.stages import GateError, stage
+    from voxport.pipeline.passes import stage
 
     ctx, settings = encoder_ctx
     seen = {}
@@ -265,8 +266,8 @@ def test_fp16_stage_failing_its_gate_leaves_no_artifact(encoder_ctx, monkeypatch
 
 
 def test_real_hifigan_fp16_passes_full_check_and_stays_close(tmp_path: Path, corpus) -> None:
-    from voxport import metrics
-    from voxport.export.inputs import speech_clips, vocoder_feeds
+    from voxport.evaluate import metrics
+    from voxport.evaluate.inputs import speech_clips, vocoder_feeds
     from voxport.models import registry
     from voxport.models.stack import _vocoder
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voxport.corpus import Corpus
-from voxport.metrics import (
+from voxport.evaluate.corpus import Corpus
+from voxport.evaluate.metrics import (
     SNR_CAP_DB,
     cosine,
     log_mel_distance_db,

@@ -11,17 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from voxport.export import inputs
+from voxport.errors import GateError
+from voxport.evaluate import inputs
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
 from voxport.models.vocoder import V1_22K_UNIVERSAL, VocoderConfig, load_vocoder, seeded_vocoder
 from voxport.models.weights import bundled_weights
+from voxport.pipeline.passes import StageContext, stage
+from voxport.pipeline.records import Record, read_record, write_record
 from voxport.prune.channels import _obs, prune_vocoder
 from voxport.prune.finetune import finetune
 from voxport.prune.flops import count_macs, vocoder_flops_per_second
 from voxport.prune.magnitude import magnitude_prune, weight_sparsity
-from voxport.records import Record, read_record, write_record
-from voxport.stages import GateError, StageContext, stage
 
 GATES = {"vocoder": {"fp32": {"max_log_mel_increase_db": 0.3, "max_pesq_drop": 0.1, "require_speedup": False}}}
 FAST = {"gate_seconds": 1.5, "gate_clips": 3, "parity_clips": 1, "parity_seconds": 0.5, "timing_seconds": 0.5,

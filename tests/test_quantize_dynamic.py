@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from voxport.errors import GateError
+from voxport.pipeline.passes import StageContext, stage
+from voxport.pipeline.records import read_bundle, read_record
 from voxport.quantize.config import QuantizeConfig
-from voxport.records import read_bundle, read_record
-from voxport.stages import GateError, StageContext, stage
 
 GATES = {
     "speaker_encoder": {"int8-dynamic": {"min_cosine": 0.995, "same_speaker_threshold": 0.75,
@@ -70,8 +71,8 @@ def test_searched_encoder_int8_keeps_first_lstm_float_and_passes(enc_ctx: StageC
 def test_torch_flavour_recipe_splits_the_lstm_and_reloads_through_the_backend(enc_ctx: StageContext):
     """The PyTorch flavour's artifact: FP32 weights + recipe, rebuilt by the torch backend with layer
     0 float. (The whole stage is not run here: PyTorch's INT8 LSTM is slower than FP32 on CPU.)"""
-    from voxport import metrics
-    from voxport.export.inputs import encoder_feeds
+    from voxport.evaluate import metrics
+    from voxport.evaluate.inputs import encoder_feeds
     from voxport.models import registry
     from voxport.models.checkpoint import sha256_file
     from voxport.quantize import torch_dynamic

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from voxport.errors import ConfigError
+from voxport.errors import ConfigError, GateError
+from voxport.pipeline.passes import StageContext, stage
+from voxport.pipeline.records import Record, read_bundle, read_record
 from voxport.quantize import qdq
 from voxport.quantize.config import QuantizeConfig
-from voxport.records import Record, read_bundle, read_record
-from voxport.stages import GateError, StageContext, stage
 
 FAST = {"calibration": "minmax", "calibration_clips": 3, "crop_seconds": 0.5, "gate_seconds": 1.0,
         "timing_seconds": 0.5, "rank_clips": 1, "rank_seconds": 0.25, "search_clips": 2, "search_seconds": 1.0,
@@ -130,7 +130,7 @@ def test_bf16_is_skipped_with_a_reason_where_the_cpu_lacks_native_bfloat16(ctx: 
     from conftest import compose_config
     from omegaconf import OmegaConf
 
-    from voxport.build import run_stages
+    from voxport.pipeline.engine import run_stages
     from voxport.quantize.bf16 import native_bf16
 
     native, why = native_bf16()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from voxport import metrics, quality
 from voxport.errors import ConfigError
+from voxport.evaluate import metrics, quality
 from voxport.quantize import emulate, qdq, search
 from voxport.quantize.config import QuantizeConfig
 
@@ -135,9 +135,9 @@ def test_emulated_ranking_matches_real_ort_single_layer_errors(vocoder_work: dic
 def vocoder_work(bundle: Path, corpus, tmp_path_factory) -> dict:
     """The real vocoder's FP32 ONNX, pre-processed, calibrated (MinMax, short real clips) once."""
     from voxport.models import registry
+    from voxport.pipeline.passes import StageContext
+    from voxport.pipeline.records import read_bundle
     from voxport.quantize.static import calibration_feeds
-    from voxport.records import read_bundle
-    from voxport.stages import StageContext
 
     records = read_bundle(bundle)
     source = next(r for r in records if r.component == "vocoder" and r.stage == "source")

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from voxport.errors import BackendUnavailable
 from voxport.models.checkpoint import sha256_file
-from voxport.records import Record, TensorSpec, write_manifest, write_record
+from voxport.pipeline.records import Record, TensorSpec, write_manifest, write_record
 from voxport.runtime.host import (
     Host,
     fingerprint_mismatches,

@@ -25,10 +25,11 @@ import soundfile as sf
 import uvicorn
 
 from voxport.benchmarks.load import run_load
-from voxport.corpus import Corpus
-from voxport.records import read_bundle
+from voxport.errors import LibraryFull
+from voxport.evaluate.corpus import Corpus
+from voxport.pipeline.records import read_bundle
 from voxport.runtime.serve.app import create_app
-from voxport.runtime.serve.library import LibraryFull, VoiceLibrary
+from voxport.runtime.serve.library import VoiceLibrary
 from voxport.runtime.serve.service import Service
 from voxport.runtime.serve.settings import Limits, ServeSettings
 from voxport.runtime.streaming import StreamConfig

@@ -70,7 +70,7 @@ def test_swapped_checkpoint_is_refused_naming_a_key(mockingbird_files: dict[str,
 
 
 def test_missing_paths_are_a_config_error(tmp_path: Path) -> None:
-    from voxport.build import build_bundle
+    from voxport.pipeline.engine import build_bundle
 
     cfg = compose_config("stack=mockingbird", f"out_dir={tmp_path / 'b'}")
     with pytest.raises(ConfigError, match="stack.speaker_encoder.checkpoint"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from voxport.errors import ConfigError
-from voxport.stages import _STAGES, register, stage
+from voxport.pipeline.passes import _STAGES, register, stage
 
 
 def _torch_state() -> tuple:
@@ -54,7 +54,7 @@ def test_unknown_stage_kind_is_named_with_the_known_ones() -> None:
 def test_side_by_side_times_short_workloads_for_more_rounds() -> None:
     import time
 
-    from voxport.quality import side_by_side
+    from voxport.evaluate.quality import side_by_side
 
     calls = {"a": 0, "b": 0}
 
@@ -73,7 +73,7 @@ def test_side_by_side_times_short_workloads_for_more_rounds() -> None:
 
 
 def test_derived_artifact_names_never_overwrite_the_parent() -> None:
-    from voxport.stages import artifact_name
+    from voxport.pipeline.passes import artifact_name
 
     assert artifact_name("vocoder_fp32.onnx", "int8_static") == "vocoder_int8_static.onnx"
     assert artifact_name("speaker_encoder_fp32.onnx", "int8_dynamic") == "speaker_encoder_int8_dynamic.onnx"
@@ -83,7 +83,7 @@ def test_derived_artifact_names_never_overwrite_the_parent() -> None:
 
 
 def test_side_by_side_rotates_the_order_so_no_runner_always_follows_the_same_one() -> None:
-    from voxport.quality import side_by_side
+    from voxport.evaluate.quality import side_by_side
 
     calls: list[str] = []
     runners = {name: (lambda feed, name=name: calls.append(name)) for name in ("torch", "int8", "fp32")}

@@ -10,9 +10,9 @@ import torch
 from voxport.errors import ConfigError
 from voxport.models import text as text_frontend
 from voxport.models.audio import HIFIGAN_V1_22K
-from voxport.models.synthesizer_loop import run_host_loop, trim_lengths
 from voxport.runtime.controls import TimeResampler, change_rate, mel_floor, shift_pitch
 from voxport.runtime.streaming import StreamConfig, decoder_frames, postnet_frames, vocoded_chunks
+from voxport.runtime.synthesizer_loop import run_host_loop, trim_lengths
 
 
 def _snr_db(ref: np.ndarray, x: np.ndarray) -> float:

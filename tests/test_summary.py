@@ -1,6 +1,6 @@
 """The sweep summary: variants ranked by measured speed at passing quality, copies merged."""
 
-from voxport.summary import ranking_table
+from voxport.pipeline.summary import ranking_table
 
 
 def row(variant: str, component: str, file: str, sha: str, speed: float, passed: bool = True) -> dict:

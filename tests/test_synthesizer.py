@@ -30,8 +30,8 @@ from voxport.models.synthesizer_graphs import (
     graph_specs,
     initial_decoder_state,
 )
-from voxport.models.synthesizer_loop import draw_prenet_masks, generate, run_host_loop, trim_lengths
 from voxport.models.tacotron_layers import MultiHeadAttention
+from voxport.runtime.synthesizer_loop import draw_prenet_masks, generate, run_host_loop, trim_lengths
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "tacotron_mockingbird_golden.json").read_text())
 CHARS = np.array([[41, 36, 56, 74, 35, 28, 42, 56, 74, 40, 28, 58, 1], [35, 48, 28, 41, 1] + [0] * 8])

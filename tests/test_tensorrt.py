@@ -28,7 +28,7 @@ from voxport.export.tensorrt import (
     require_tensorrt,
     strongly_typed,
 )
-from voxport.records import Record, TensorSpec
+from voxport.pipeline.records import Record, TensorSpec
 from voxport.runtime.host import Host
 
 MEL = TensorSpec("mel", "float32", ("batch", 80, "frames"))
@@ -129,7 +129,7 @@ def test_engine_build_refuses_in_one_line_without_cuda_or_tensorrt(host: Host, p
 def test_tensorrt_stage_on_this_host_fails_before_writing(tmp_path: Path, corpus) -> None:
     import torch
 
-    from voxport.stages import StageContext, stage
+    from voxport.pipeline.passes import StageContext, stage
 
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA: the refusal path is for CPU-only hosts")
@@ -253,7 +253,7 @@ def _gpu_ready() -> None:
 def gpu_bundle(tmp_path_factory: pytest.TempPathFactory, corpus):
     """FP32 originals + exports, then FP16 ONNX and TensorRT engines of every graph, on this GPU."""
     _gpu_ready()
-    from voxport.build import build_bundle
+    from voxport.pipeline.engine import build_bundle
 
     out = tmp_path_factory.mktemp("gpu") / "bundle"
     cfg = compose_config("target=tensorrt", f"out_dir={out}", f"corpus_dir={corpus.root}",
@@ -283,7 +283,7 @@ def test_gpu_engines_pass_the_fp16_gates_and_carry_their_fingerprint(gpu_bundle)
 
 @pytest.mark.gpu
 def test_gpu_engine_output_matches_pytorch_fp32(gpu_bundle, corpus) -> None:
-    from voxport.export.inputs import speech_clips
+    from voxport.evaluate.inputs import speech_clips
     from voxport.models import registry
     from voxport.models.audio import MelConfig
     from voxport.runtime.backends.tensorrt import TensorRTBackend

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from voxport.errors import CheckpointError, ConfigError
-from voxport.metrics import log_mel_distance_db, mr_stft_distance, pesq_wb
+from voxport.evaluate.metrics import log_mel_distance_db, mr_stft_distance, pesq_wb
 from voxport.models.audio import HIFIGAN_V1_22K, MelConfig, mel_spectrogram
 from voxport.models.checkpoint import load_state_dict
 from voxport.models.vocoder import (

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from voxport.errors import BackendUnavailable, ConfigError
-from voxport.records import Record
+from voxport.pipeline.records import Record
 from voxport.runtime.backends.base import Backend
 from voxport.runtime.host import Host
 from voxport.runtime.select import Selection

@@ -15,7 +15,7 @@ import numpy as np
 
 from voxport.errors import BackendUnavailable
 from voxport.models.checkpoint import sha256_file
-from voxport.records import Record
+from voxport.pipeline.records import Record
 
 
 class Backend(abc.ABC):

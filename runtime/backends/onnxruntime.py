@@ -14,7 +14,7 @@ import numpy as np
 
 from voxport.errors import BackendUnavailable
 from voxport.export.onnx import GRAPH_OPTIMIZATION_LEVELS, graph_optimization_level
-from voxport.records import Record
+from voxport.pipeline.records import Record
 from voxport.runtime.backends.base import Backend, verified_artifact
 
 log = logging.getLogger(__name__)

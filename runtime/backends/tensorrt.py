@@ -18,7 +18,7 @@ import numpy as np
 
 from voxport.errors import BackendUnavailable, ConfigError
 from voxport.export.profiles import shape_problem
-from voxport.records import Record
+from voxport.pipeline.records import Record
 from voxport.runtime.backends.base import Backend, verified_artifact
 from voxport.runtime.host import Host, detect, fingerprint_mismatches
 

@@ -10,7 +10,7 @@ import torch
 
 from voxport.errors import BackendUnavailable
 from voxport.models import registry
-from voxport.records import Record
+from voxport.pipeline.records import Record
 from voxport.runtime.backends.base import Backend, verified_artifact
 
 

@@ -18,13 +18,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from voxport.errors import AudioError, ConfigError, VoxportError
-from voxport.runtime.serve.engine import Overloaded, RequestTimeout
-from voxport.runtime.serve.library import InvalidVoiceId, LibraryFull, VoiceNotFound
+from voxport.errors import (
+    AudioError,
+    ConfigError,
+    InvalidVoiceId,
+    LibraryFull,
+    Overloaded,
+    RequestError,
+    RequestTimeout,
+    UploadError,
+    VoiceNotFound,
+    VoxportError,
+)
 from voxport.runtime.serve.routes import router
-from voxport.runtime.serve.service import RequestError, Service
+from voxport.runtime.serve.service import Service
 from voxport.runtime.serve.settings import ServeSettings
-from voxport.runtime.serve.uploads import UploadError
 
 log = logging.getLogger(__name__)
 

@@ -21,28 +21,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from voxport.errors import VoxportError
+from voxport.errors import Cancelled, Overloaded, RequestTimeout
 from voxport.runtime.cloner import VoiceCloner
 from voxport.runtime.controls import apply_controls
 from voxport.runtime.serve.batching import VocoderBatcher
 from voxport.runtime.serve.settings import ServeSettings
 from voxport.runtime.serve.telemetry import Telemetry
-from voxport.runtime.streaming import Cancelled
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 StopCheck = Callable[[], bool]
-
-
-class Overloaded(VoxportError):
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RequestTimeout(VoxportError):
-    pass
 
 
 @dataclass(frozen=True)

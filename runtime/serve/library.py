@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from voxport.errors import ConfigError, VoxportError
+from voxport.errors import ConfigError, InvalidVoiceId, LibraryFull, VoiceNotFound, VoxportError
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,6 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS voices (
     embedding_sha256 TEXT NOT NULL, encoder_sha256 TEXT NOT NULL)"""
 _COLUMNS = ("id", "name", "ref_text", "created", "last_used", "duration_s", "sample_rate", "bytes",
             "embedding_sha256", "encoder_sha256")
-
-
-class InvalidVoiceId(VoxportError):
-    """A voice id that is not a server-made id (e.g. looks like a path)."""
-
-
-class VoiceNotFound(VoxportError):
-    pass
-
-
-class LibraryFull(VoxportError):
-    """The voice alone exceeds the library's byte limit (eviction cannot make room)."""
 
 
 def check_voice_id(voice_id: str) -> str:

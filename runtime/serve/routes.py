@@ -11,10 +11,11 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
+from voxport.errors import RequestError
 from voxport.runtime.serve import schemas
 from voxport.runtime.serve.engine import Controls
 from voxport.runtime.serve.library import check_voice_id, embedding_sha256
-from voxport.runtime.serve.service import RequestError, Service, VoiceSource
+from voxport.runtime.serve.service import Service, VoiceSource
 from voxport.runtime.serve.uploads import encode_wav
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from voxport.errors import ConfigError
+from voxport.errors import RequestError, UploadError
 from voxport.models import text as text_frontend
 from voxport.runtime.cloner import VoiceCloner
 from voxport.runtime.serve.engine import Controls, Engine, StopCheck
@@ -23,19 +23,11 @@ from voxport.runtime.serve.library import VoiceLibrary, check_voice_id, embeddin
 from voxport.runtime.serve.schemas import SynthesisControls
 from voxport.runtime.serve.settings import ServeSettings
 from voxport.runtime.serve.telemetry import Telemetry
-from voxport.runtime.serve.uploads import UploadError, read_reference
+from voxport.runtime.serve.uploads import read_reference
 
 log = logging.getLogger(__name__)
 
 SEEDED_NOTE = "{} weights are seeded (untrained): the output is not speech"
-
-
-class RequestError(ConfigError):
-    """A request that cannot be served as given (422 unless `status` says otherwise)."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

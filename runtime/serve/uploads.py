@@ -16,16 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from voxport.errors import AudioError, VoxportError
+from voxport.errors import AudioError, UploadError
 from voxport.models.audio import load_wav
 
 log = logging.getLogger(__name__)
-
-
-class UploadError(VoxportError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxport.corpus import Corpus
-from voxport.errors import ConfigError, ParityError, VoxportError
-from voxport.records import Record
+from voxport.errors import ConfigError, GateError
+from voxport.evaluate.corpus import Corpus
+from voxport.pipeline.records import Record
 
 log = logging.getLogger(__name__)
-
-
-class GateError(ParityError):
-    """An optimized artifact failed its quality (or speed) gate; `metrics` holds every figure."""
-
-
-class StageSkipped(VoxportError):
-    """A stage that cannot pay off on this host (e.g. bf16 without native bfloat16): no artifact,
-    not a failure. The build logs the reason and lists it in the manifest (`skipped_stages`)."""
 
 
 @dataclass

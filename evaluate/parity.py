@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from voxport import metrics
-from voxport.export import parity
+from voxport.evaluate import compare, metrics
 from voxport.models.graph import GraphSpec
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
@@ -99,7 +98,7 @@ def _utterance(partials: np.ndarray) -> np.ndarray:
 
 def graphs(
     spec: GraphSpec, run_artifact: Runner, feeds: Sequence[Mapping[str, np.ndarray]],
-    tolerances: Mapping[str, parity.Tolerance],
+    tolerances: Mapping[str, compare.Tolerance],
 ) -> tuple[dict[str, Any], list[str]]:
     """Plain per-output comparison (used for graphs without component-level figures)."""
     from voxport.export.onnx import validate_graph
@@ -116,7 +115,7 @@ def synthesizer(
     speaker embedding, same seeded prenet masks, a fixed number of decoder steps (stop ignored)."""
     import torch
 
-    from voxport.models.synthesizer_loop import run_host_loop, torch_runner
+    from voxport.runtime.synthesizer_loop import run_host_loop, torch_runner
 
     ref_runners = [torch_runner(specs[n]) for n in ("encoder", "decoder_step", "postnet")]
     test_runners = [runners[n] for n in ("encoder", "decoder_step", "postnet")]

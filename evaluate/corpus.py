@@ -20,7 +20,7 @@ Speaker separation, measured once with Resemblyzer's pretrained encoder on the 1
 same-speaker cosine >= 0.82 for allison, codec2-ve9qrp, codec2-vk5qi, codec2-speech_orig_16k
 (alsa's 1.4 s clips: >= 0.68), cross-speaker <= 0.73 among all real speakers. The espeak voices
 are not separable (cross-voice up to 0.96): use them as text/language material, not identities.
-Build with `python -m voxport.corpus [--out DIR] [--force]`; load with `load_corpus()`.
+Build with `python -m voxport.evaluate.corpus [--out DIR] [--force]`; load with `load_corpus()`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from voxport.errors import VoxportError
+from voxport.errors import CorpusError
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,6 @@ _ESPEAK_EN_TEXTS = ("The quick brown fox jumps over the lazy dog near the river 
                     "A voice cloning service must never answer with a voice it was not asked for.")
 _ESPEAK_ZH_TEXTS = ("你好，世界。今天天气很好。", "我们明天早上九点在火车站见面。")
 _MIN_S, _MAX_S = 1.0, 8.0
-
-
-class CorpusError(VoxportError):
-    """The corpus cannot be built (missing tool, stale apt lists) or is missing / corrupt."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +103,7 @@ class _Clip:
 def default_corpus_dir() -> Path:
     """$VOXPORT_CORPUS if set, else <repo root>/.voxport/corpus (repo root = this package's dir)."""
     env = os.environ.get("VOXPORT_CORPUS")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent / ".voxport" / "corpus"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / ".voxport" / "corpus"
 
 
 class Corpus:
@@ -160,12 +156,12 @@ def load_corpus(path: Path | None = None) -> Corpus:
     root = Path(path) if path is not None else default_corpus_dir()
     manifest = root / "manifest.json"
     if not manifest.is_file():
-        raise CorpusError(f"no speech corpus at {root}: build it with `python -m voxport.corpus"
+        raise CorpusError(f"no speech corpus at {root}: build it with `python -m voxport.evaluate.corpus"
                           f"{'' if path is None else f' --out {root}'}`")
     data = json.loads(manifest.read_text(encoding="utf-8"))
     if data.get("version") != MANIFEST_VERSION:
         raise CorpusError(f"{manifest}: manifest version {data.get('version')} != {MANIFEST_VERSION}; "
-                          "rebuild with `python -m voxport.corpus --force`")
+                          "rebuild with `python -m voxport.evaluate.corpus --force`")
     return Corpus(root, [CorpusItem(**it) for it in data["items"]], data.get("packages", {}))
 
 
@@ -405,7 +401,7 @@ def _write_clip(clip: _Clip, split: str, root: Path) -> CorpusItem:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m voxport.corpus", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m voxport.evaluate.corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="corpus directory (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from voxport.corpus import Corpus
+from voxport.evaluate.corpus import Corpus
 from voxport.models import audio
 from voxport.models import speaker_encoder as se
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from voxport import metrics
 from voxport.errors import ParityError
+from voxport.evaluate import metrics
 
 log = logging.getLogger(__name__)
 

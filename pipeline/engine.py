@@ -17,17 +17,17 @@ from typing import Any
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from voxport.corpus import Corpus, build_corpus, default_corpus_dir, load_corpus
-from voxport.errors import ConfigError, ParityError
-from voxport.export import inputs, validate
+from voxport.errors import ConfigError, ParityError, StageSkipped
+from voxport.evaluate import inputs, parity
+from voxport.evaluate.corpus import Corpus, build_corpus, default_corpus_dir, load_corpus
 from voxport.export.onnx import OnnxExportConfig, export_graph, ort_runner, tensor_specs
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
 from voxport.models.graph import GraphSpec
 from voxport.models.stack import Component, load_stack
-from voxport.records import Record, now_iso, tool_versions, write_manifest, write_record
+from voxport.pipeline.passes import StageContext, stage
+from voxport.pipeline.records import Record, now_iso, tool_versions, write_manifest, write_record
 from voxport.runtime.host import require_target
-from voxport.stages import StageContext, StageSkipped, stage
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +176,16 @@ def _validate(
         spec = specs["vocoder"]
         mel_cfg = spec.module.generator.cfg.mel
         clips = inputs.speech_clips(corpus, mel_cfg, int(v.vocoder_clips), float(v.max_clip_seconds))
-        return validate.vocoder(spec, runners["vocoder"], inputs.vocoder_feeds(clips), tol.vocoder)
+        return parity.vocoder(spec, runners["vocoder"], inputs.vocoder_feeds(clips), tol.vocoder)
     if component == "speaker_encoder":
         spec = specs["speaker_encoder"]
         feeds = inputs.encoder_feeds(corpus, spec.module.encoder.cfg, int(v.encoder_clips))
-        return validate.speaker_encoder(spec, runners["speaker_encoder"], feeds, tol.speaker_encoder)
+        return parity.speaker_encoder(spec, runners["speaker_encoder"], feeds, tol.speaker_encoder)
     from voxport.models.synthesizer import SynthesizerConfig
 
     syn_cfg = SynthesizerConfig.from_dict(model["config"])
     cases = synthesizer_cases(corpus, cfg, syn_cfg.n_symbols)
-    return validate.synthesizer(
+    return parity.synthesizer(
         specs, runners, cases, int(v.synthesizer_steps), int(cfg.seed), tol.synthesizer, syn_cfg
     )
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from voxport.records import Record, atomic_write_text, parent_speedups
+from voxport.pipeline.records import Record, atomic_write_text, parent_speedups
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +105,38 @@ def record_sweep_job(sweep_dir: Path, variant: str, records: Iterable[Record]) -
     table = ranking_table([row for job in jobs.values() for row in job])
     atomic_write_text(Path(sweep_dir) / "sweep_summary.md", table + "\n")
     return table
+
+
+def artifact_table(records: list, bundle_dir: Path) -> str:
+    """Markdown table: one row per artifact with its headline parity figure."""
+    rows = ["| artifact | component | format | precision | weights | MB | parity vs PyTorch FP32 |",
+            "|---|---|---|---|---|---:|---|"]
+    for r in records:
+        rows.append(f"| {r.file} | {r.key} | {r.format} | {r.precision} | {r.weights} | "
+                    f"{(bundle_dir / r.file).stat().st_size / 1e6:.1f} | {headline(r)} |")
+    return "\n".join(rows)
+
+
+def headline(record: Any) -> str:
+    p = record.parity
+    if record.stage == "source":
+        return "reference"
+    parts = []
+    for key, label, fmt in (
+        ("wav_snr_db_min", "wav SNR", "{:.1f} dB"), ("mr_stft_distance_max", "MR-STFT", "{:.2e}"),
+        ("embedding_cosine_min", "cos", "{:.7f}"), ("mel_snr_db_min", "mel SNR", "{:.1f} dB"),
+        ("stop_agreement_min", "stop agree", "{:.2f}"),
+    ):
+        if key in p:
+            parts.append(f"{label} {fmt.format(p[key])}")
+    if not parts and record.quality:  # lossy artifacts: the listener-side gate figures, not export parity
+        parts.append(quality_headline(record.quality))
+    runtime_ops = (p.get("integer_ops") or {}).get("runtime")
+    if runtime_ops:  # what ONNX Runtime really runs in integers, not what the file claims
+        from voxport.quantize.qdq import integer_op_total
+
+        parts.append(f"{integer_op_total(runtime_ops)} integer kernels")
+    reduction = (record.speed or {}).get("flops_reduction")
+    if reduction:
+        parts.append(f"FLOPs -{100 * reduction:.0f} %")
+    return ", ".join(parts) or "-"

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from voxport import metrics
-from voxport.corpus import Corpus, CorpusItem
-from voxport.export.inputs import SpeechClip, speech_clips
+from voxport.evaluate import metrics
+from voxport.evaluate.corpus import Corpus, CorpusItem
+from voxport.evaluate.inputs import SpeechClip, speech_clips
 from voxport.models import audio
 from voxport.models import speaker_encoder as se
 

@@ -1,0 +1,1 @@
+"""Judging artifacts: real-speech corpus, audio metrics, parity and listener gates, timing."""

@@ -1,0 +1,1 @@
+"""The build: the engine that runs passes, the stage cache, records and summaries."""
