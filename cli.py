@@ -2,7 +2,8 @@
 
 Hydra commands (build, bench, serve) take Hydra overrides (`voxport build stack=mockingbird
 stack.vocoder.checkpoint=g.pt`, `-m` sweeps, `--help`, `--cfg job`); the audio commands (clone,
-vocode, doctor, corpus) take ordinary flags.
+vocode, doctor, corpus) take ordinary flags, and those that select artifacts (clone, vocode, doctor)
+also take overrides after them, composed from the same conf/ (`voxport doctor target.preference=[torch]`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from voxport.errors import VoxportError
+from voxport.errors import ConfigError, VoxportError
+
+if TYPE_CHECKING:
+    from voxport.runtime.select import TargetConfig
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -70,6 +75,70 @@ def parser(command: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"voxport {command}", description=COMMANDS[command])
 
 
+SELECTION_HELP = ("Which artifact serves each graph comes from the config's `target` (conf/target/; target=cpu: "
+                  "preference cpu,torch, not strict). Overrides (key=value) after the flags are composed from "
+                  "conf/ as for `voxport build`, e.g. `target=cuda target.preference=[torch] target.strict=true`.")
+
+
+def selection_parser(command: str) -> argparse.ArgumentParser:
+    """A parser for a command that selects artifacts: --bundle, --prefer, --strict and overrides."""
+    ap = argparse.ArgumentParser(prog=f"voxport {command}", description=COMMANDS[command], epilog=SELECTION_HELP)
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="bundle from `voxport build` (default: the config's out_dir, artifacts/default)")
+    ap.add_argument("--prefer", default=None, metavar="TIERS",
+                    help="shortcut for target.preference=[TIERS]: tiers of trt, onnx-cuda, cpu, onnx, torch in "
+                         "order, comma-separated (default: target.preference; target=cpu: cpu,torch)")
+    ap.add_argument("--strict", action="store_true",
+                    help="shortcut for target.strict=true: refuse any fallback from the first preference")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+    return ap
+
+
+def parse_selection(ap: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, TargetConfig, Path]:
+    """(flags, the `target` of the composed config, the bundle directory). Flags win over overrides."""
+    from voxport.pipeline.schema import RunConfig
+    from voxport.runtime.select import TargetConfig
+
+    args = ap.parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    if args.prefer:
+        overrides.append(f"target.preference=[{args.prefer}]")
+    if args.strict:
+        overrides.append("target.strict=true")
+    cfg = compose(overrides)
+    return args, TargetConfig.from_cfg(cfg.target), args.bundle or Path(RunConfig.from_cfg(cfg).out_dir)
+
+
+def compose(overrides: Sequence[str]) -> Any:
+    """The config `voxport build` composes from conf/ with these overrides; a bad override (unknown
+    key, unknown group option, syntax) is a one-line ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(hydra_message(exc)) from None
+
+
+def hydra_message(exc: Exception) -> str:
+    """Hydra's multi-line composition error as one line."""
+    cause = exc.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and "not in struct" in str(cause):
+        return f"unknown config key '{key}' (`voxport build --cfg job` prints every key)"
+    lines = []
+    for line in str(exc).splitlines():  # its first paragraph; the search path and doc links are noise
+        if not line.strip() or line.startswith(("See https://", "Config search path")):
+            break
+        lines.append(line.strip())
+    options = getattr(exc, "options", None)
+    return " ".join(lines) + (f" (options: {', '.join(options)})" if options else "")
+
+
 
 def run_hydra(command: str) -> int:
     import hydra
@@ -105,15 +174,13 @@ def _drop_quantizer_chatter(record: logging.LogRecord) -> bool:
 
 def _build(cfg: Any) -> None:
     from voxport.pipeline.engine import build_bundle
-    from voxport.pipeline.summary import artifact_table, ranking_table, record_sweep_job, rows
+    from voxport.pipeline.summary import record_sweep_job
 
     sweep = _sweep_job()
     if sweep is not None:  # `-m`: every variant builds its own bundle inside the sweep directory
         cfg.out_dir = str(sweep[2])
     bundle = build_bundle(cfg)
-    print(artifact_table(bundle.records, bundle.path))
-    print("\nfastest passing artifacts per component (speed measured side by side in this build):\n"
-          + ranking_table(rows(bundle.records)))
+    print(bundle.summary())
     if sweep is not None:
         table = record_sweep_job(sweep[0], sweep[1], bundle.records)
         print(f"\nsweep ranking so far ({sweep[0]}/sweep_summary.md):\n{table}")
@@ -132,12 +199,14 @@ def _sweep_job() -> tuple[Path, str, Path] | None:
 
 
 def _bench(cfg: Any) -> None:
+    from voxport.benchmarks.config import BenchConfig
     from voxport.benchmarks.run import run_bench
+    from voxport.pipeline.schema import RunConfig
 
     run = run_bench(cfg)
     print(run.table)
     print("wrote " + ", ".join(map(str, run.paths)))
-    run.raise_for_failures(cfg.compare, float(cfg.bench.max_regression))
+    run.raise_for_failures(RunConfig.from_cfg(cfg).compare, BenchConfig.from_cfg(cfg.bench).max_regression)
 
 
 def cmd_corpus(argv: list[str]) -> int:
@@ -156,17 +225,13 @@ def cmd_vocode(argv: list[str]) -> int:
     from voxport.evaluate import metrics
     from voxport.models import audio
 
-    ap = parser("vocode")
+    ap = selection_parser("vocode")
     ap.add_argument("--wav", type=Path, required=True, help="input speech (any rate; resampled)")
     ap.add_argument("--out", type=Path, required=True, help="output wav")
-    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"),
-                    help="bundle from `voxport build` (its preferred vocoder artifact serves)")
-    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch",
-                    help="preference order of tiers trt, onnx-cuda, cpu, onnx, torch (e.g. torch)")
-    args = ap.parse_args(argv)
+    args, target, bundle = parse_selection(ap, argv)
     from voxport.runtime.cloner import VocoderOnly
 
-    vocoder = VocoderOnly(args.bundle, preference=args.prefer.split(","))
+    vocoder = VocoderOnly(bundle, preference=target.preference, strict=target.strict, threads=target.threads)
     wav = audio.load_wav(args.wav, vocoder.sample_rate)
     mel = audio.mel_spectrogram(wav, vocoder.mel_cfg)
     out = vocoder.vocode(mel)
@@ -186,20 +251,16 @@ def cmd_clone(argv: list[str]) -> int:
     from voxport.models import audio
     from voxport.runtime.cloner import VoiceCloner
 
-    ap = parser("clone")
+    ap = selection_parser("clone")
     ap.add_argument("--ref", type=Path, required=True, help="reference speech of the voice to clone")
     ap.add_argument("--text", required=True, help="text to speak (English or Chinese)")
     ap.add_argument("--out", type=Path, required=True, help="output wav")
-    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
-    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch",
-                    help="preference order of tiers trt, onnx-cuda, cpu, onnx, torch")
-    ap.add_argument("--strict", action="store_true", help="refuse any fallback from --prefer's first")
     ap.add_argument("--style", type=int, default=0, help="GST style token 0..9, or -1 (from speaker)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prenet dropout masks")
     ap.add_argument("--max-steps", type=int, default=None, help="maximum decoder steps")
-    args = ap.parse_args(argv)
+    args, target, bundle = parse_selection(ap, argv)
     ref = audio.load_wav(args.ref, 16000)  # validate the reference before loading any model
-    cloner = VoiceCloner(args.bundle, preference=args.prefer.split(","), strict=args.strict)
+    cloner = VoiceCloner(bundle, preference=target.preference, strict=target.strict, threads=target.threads)
     wav = cloner.clone(ref, 16000, args.text, style_idx=args.style, seed=args.seed,
                        max_decoder_steps=args.max_steps)
     audio.save_wav(args.out, wav, cloner.sample_rate)
@@ -215,11 +276,8 @@ def cmd_clone(argv: list[str]) -> int:
 def cmd_doctor(argv: list[str]) -> int:
     from voxport.runtime.doctor import report
 
-    ap = parser("doctor")
-    ap.add_argument("--bundle", type=Path, default=Path("artifacts/default"))
-    ap.add_argument("--prefer", default="trt,onnx-cuda,cpu,torch", help="preference order of tiers")
-    args = ap.parse_args(argv)
-    print(report(args.bundle, tuple(args.prefer.split(","))))
+    _, target, bundle = parse_selection(selection_parser("doctor"), argv)
+    print(report(bundle, target.preference, strict=target.strict))
     return 0
 
 

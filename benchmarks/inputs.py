@@ -67,9 +67,9 @@ def prepare(corpus: Corpus, records: list[Record], bundle_dir: Path, lengths: di
 
     from voxport.models import audio, registry
     from voxport.models import speaker_encoder as se
+    from voxport.models.prenet_masks_torch import draw_encoder_masks
     from voxport.models.synthesizer import SynthesizerConfig
     from voxport.models.text import encode_text
-    from voxport.runtime.synthesizer_loop import draw_encoder_masks
 
     sources = {r.component: r for r in records if r.stage == "source"}
     missing = {"speaker_encoder", "synthesizer", "vocoder"} - set(sources)

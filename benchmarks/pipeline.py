@@ -35,7 +35,7 @@ def pipeline_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     before = _status_mb("VmRSS")
     reset_peak()
     start = time.perf_counter()
-    cloner = VoiceCloner(Path(job["bundle"]), preference=preference, threads=threads)
+    cloner = VoiceCloner(Path(job["bundle"]), preference=preference, strict=bool(job.get("strict")), threads=threads)
     load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
     served = {k: s.as_dict() for k, s in cloner.served.items()}
     providers = sorted({p for s in served.values() for p in s["providers"]})
@@ -47,7 +47,8 @@ def pipeline_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         "precision": _joined(served, "precision"), "stage": None, "sparsity": None,
         "weights": _joined(served, "weights"), "device": device, "backend": ">".join(preference),
         "preference": preference, "served": {k: s["file"] for k, s in served.items()}, "providers": providers,
-        "threads": threads, "warmup": int(job["warmup"]), "load_s": load_s, "load_peak_rss_mb": load_peak,
+        "threads": threads, "sessions": {k: s["session"] for k, s in served.items() if s["session"] is not None},
+        "warmup": int(job["warmup"]), "load_s": load_s, "load_peak_rss_mb": load_peak,
         "baseline_rss_mb": before,
     }
     rows = []

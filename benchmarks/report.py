@@ -125,19 +125,21 @@ def _pipeline_tables(result: dict[str, Any]) -> list[str]:
 def quality_point(row: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
     """The scatter's y value: PESQ-WB (vocoder) or embedding cosine vs FP32 (speaker encoder)."""
     q = row.get("quality") or {}
-    if row["component"] == "vocoder":
-        if q.get("pesq_wb") is not None:
-            return float(q["pesq_wb"])
-        if row["precision"] == "fp32" and row["stage"] in ("source", "export"):
-            # FP32 originals carry no listener figures themselves; their siblings' gates measured them.
-            return next((float(r["quality"]["fp32_pesq_wb"]) for r in rows if r["component"] == "vocoder"
-                         and (r.get("quality") or {}).get("fp32_pesq_wb") is not None), None)
+    if q.get("pesq_wb") is not None:
+        return float(q["pesq_wb"])
+    if q.get("embedding_cosine_min") is not None:
+        return float(q["embedding_cosine_min"])
+    if row["precision"] != "fp32" or row["stage"] not in ("source", "export"):
         return None
-    if row["component"] == "speaker_encoder":
-        if q.get("embedding_cosine_min") is not None:
-            return float(q["embedding_cosine_min"])
-        return 1.0 if row["stage"] == "source" else None
-    return None
+    # FP32 originals carry no listener figures themselves; their siblings' gates measured them (the
+    # vocoder's FP32 PESQ), or they are the reference (the encoder's cosine 1).
+    sibling = next((r for r in rows if r["component"] == row["component"] and r is not row
+                    and (r.get("quality") or {}).get("fp32_pesq_wb") is not None), None)
+    if sibling is not None:
+        return float(sibling["quality"]["fp32_pesq_wb"])
+    has_cosine = any((r.get("quality") or {}).get("embedding_cosine_min") is not None for r in rows
+                     if r["component"] == row["component"])
+    return 1.0 if row["stage"] == "source" and has_cosine else None
 
 
 def charts(result: dict[str, Any], stem: Path) -> list[Path]:

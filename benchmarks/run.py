@@ -6,6 +6,7 @@ and input (end to end: the all-PyTorch preference). FLOP/s are computed for voco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from voxport.benchmarks import compare, flops, hardware, report
+from voxport.benchmarks.config import BenchConfig
 from voxport.benchmarks.inputs import prepare
 from voxport.errors import BenchError, ConfigError, VoxportError
 from voxport.pipeline.records import Record, now_iso, read_bundle
+from voxport.pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +67,28 @@ class BenchRun:
 
 def run_bench(cfg: Any) -> BenchRun:
     """Measure every artifact of `cfg.bench.bundle`, write the reports; see conf/bench/default.yaml."""
-    b = cfg.bench
-    bundle = Path(str(b.bundle))
+    b, top = BenchConfig.from_cfg(cfg.bench), RunConfig.from_cfg(cfg)
+    bundle = Path(b.bundle)
     if not (bundle / "manifest.json").is_file():
         raise ConfigError(f"no built bundle at {bundle} (no manifest.json): run `voxport build` first")
     from voxport.pipeline.engine import ensure_corpus
 
     started = time.perf_counter()
     records = read_bundle(bundle)
-    threads = int(b.threads) or hardware.usable_cores()
+    threads = b.threads or hardware.usable_cores()
     host = hardware.fingerprint(threads)
-    cuda = bool(host["cuda_available"]) and str(b.cuda).lower() != "false"
-    unknown = sorted({*b.lengths, *b.e2e.lengths, *b.e2e.ttfa_lengths} - set(b.seconds))
-    if unknown or int(b.warmup) < 1 or not 1 <= int(b.min_repeats) <= int(b.repeats):
-        raise ConfigError(f"bench: lengths without seconds {unknown}, or warmup < 1, or not "
-                          f"1 <= min_repeats <= repeats")
+    cuda = bool(host["cuda_available"]) and b.allow_cuda
     lengths = {str(k): float(b.seconds[k]) for k in dict.fromkeys([*b.lengths, *b.e2e.lengths, *b.e2e.ttfa_lengths])}
-    corpus = ensure_corpus(cfg.corpus_dir)
+    corpus = ensure_corpus(top.corpus_dir)
     with tempfile.TemporaryDirectory(prefix="voxport-bench-") as tmp:
-        inputs = prepare(corpus, records, bundle, lengths, float(b.e2e.reference_s), int(cfg.seed))
+        inputs = prepare(corpus, records, bundle, lengths, float(b.e2e.reference_s), top.seed)
         inputs.save(Path(tmp) / "inputs")
-        jobs, skipped = plan_jobs(records, b, bundle, Path(tmp) / "inputs", threads, int(cfg.seed), cuda,
+        jobs, skipped = plan_jobs(records, b, bundle, Path(tmp) / "inputs", threads, top.seed, cuda,
                                   host["onnxruntime_providers"])
         rows, errors = [], []
         for i, job in enumerate(tqdm(jobs, desc="bench", unit="job")):
             try:
-                rows += _run_job(job, Path(tmp) / f"job{i}", bool(b.isolate), float(b.job_timeout_s))
+                rows += _run_job(job, Path(tmp) / f"job{i}", b.isolate, float(b.job_timeout_s))
             except (VoxportError, subprocess.SubprocessError, OSError) as exc:
                 errors.append({"job": job_name(job), "error": str(exc)})
                 log.error("bench job %s failed: %s", job_name(job), exc)
@@ -98,10 +96,10 @@ def run_bench(cfg: Any) -> BenchRun:
     result = {
         "bench_version": 1, "created": now_iso(), "command": " ".join(["voxport bench", *sys.argv[1:]]),
         "bundle": str(bundle), "threads": threads, "host": host, "wall_s": time.perf_counter() - started,
-        "config": OmegaConf.to_container(b, resolve=True), "inputs": inputs.meta, "method": METHOD,
+        "config": dataclasses.asdict(b), "inputs": inputs.meta, "method": METHOD,
         "rows": rows, "skipped": skipped, "errors": errors,
     }
-    paths = report.write_all(result, Path(str(b.out)), time.strftime("%Y%m%d-%H%M%S"))
+    paths = report.write_all(result, Path(b.out), time.strftime("%Y%m%d-%H%M%S"))
     log.info("bench: %d rows in %.0f s; wrote %s", len(rows), result["wall_s"], ", ".join(map(str, paths)))
     return BenchRun(result, paths, report.markdown(result), errors)
 
@@ -116,6 +114,7 @@ def plan_jobs(records: list[Record], b: Any, bundle: Path, inputs_dir: Path, thr
               cuda: bool, providers: list[str] | tuple[str, ...]) -> tuple[list[dict], list[dict]]:
     """One job per (artifact, graph, device), then one pipeline job (end to end, time to first
     audio) per preference order; a TensorRT engine on a host without CUDA is skipped, and said so."""
+    b = BenchConfig.from_cfg(b)
     common = {"bundle": str(bundle), "inputs": str(inputs_dir), "threads": threads, "seed": seed,
               "warmup": int(b.warmup), "repeats": int(b.repeats), "min_repeats": int(b.min_repeats),
               "budget_s": float(b.budget_s)}
@@ -138,9 +137,10 @@ def plan_jobs(records: list[Record], b: Any, bundle: Path, inputs_dir: Path, thr
                 for device in devices:
                     jobs.append({**common, "kind": "graph", "component": component, "graph": graph,
                                  "file": record.file, "device": device, "lengths": lengths})
-    for preference in b.e2e.preferences:
+    # Each order once: with target.preference=[torch] the runtime row is the all-PyTorch row.
+    for preference in dict.fromkeys(b.e2e.preferences):
         if b.e2e.lengths or b.e2e.ttfa_lengths:
-            jobs.append({**common, "kind": "pipeline", "preference": [str(p) for p in preference],
+            jobs.append({**common, "kind": "pipeline", "preference": list(preference), "strict": b.e2e.strict,
                          "lengths": [str(x) for x in b.e2e.lengths],
                          "ttfa_lengths": [str(x) for x in b.e2e.ttfa_lengths],
                          "first_chunk_s": float(b.e2e.first_chunk_s)})
@@ -180,7 +180,7 @@ def derive(rows: list[dict[str, Any]], records: list[Record], host: dict[str, An
         row["speedup_vs_torch_fp32"] = ref / row["median_s"] if ref and row["median_s"] else None
         record = by_file.get(row["file"] or "")
         row["quality"] = _figures(record) if record else {}
-        if record is not None and record.component == "vocoder":
+        if record is not None and record.model.get("network") == "hifigan":  # the FLOP model is HiFi-GAN's
             per_frame = flops.vocoder_flops_per_frame(record.model)
             row |= flops.achieved(per_frame, int(row["input"]["frames"]), row["median_s"],
                                   float(host["peak_fp32_flops"]), int(host["usable_cores"]), threads)

@@ -104,16 +104,22 @@ def measure(call: Callable[[], Any], audio_s: float | None, job: dict[str, Any],
 # Cases: what one row runs
 
 
+def _torch_inputs(record: Record, graph: str) -> set[str]:
+    """Input names of a torch artifact's graph (torch records carry no tensor specs)."""
+    from voxport.models import registry
+
+    return set(registry.graph_specs(registry.build_module(record.model), record.model)[graph].input_names)
+
+
 def graph_case(record: Record, graph: str, infer: Callable[[dict], dict], inputs: BenchInputs,
                label: str) -> Case:
     a, m = inputs.arrays, inputs.meta["lengths"][label]
-    if record.component == "vocoder":
-        feed = {"mel": a[f"{label}.mel"][None]}
-        return (lambda: infer(feed)), m["vocoder_audio_s"], {"item": m["item"], "frames": m["frames"]}
-    if record.component == "speaker_encoder":
+    # The feed follows the graph's input contract (its tensor names), not the component's name.
+    names = {t.name for t in record.inputs} or _torch_inputs(record, graph)
+    if names == {"mels"}:  # partial-utterance mels: the speaker encoder
         feed = {"mels": a[f"{label}.mels16"]}
         return (lambda: infer(feed)), m["recording_s"], {"item": m["item"], "partials": int(feed["mels"].shape[0])}
-    if graph == "postnet":
+    if names == {"mel"}:  # a mel spectrogram in: the vocoder, the postnet
         feed = {"mel": a[f"{label}.mel"][None]}
         return (lambda: infer(feed)), m["vocoder_audio_s"], {"item": m["item"], "frames": m["frames"]}
     text = {"text_item": m["text_item"], "text": m["text"], "symbols": m["symbols"]}
@@ -126,10 +132,10 @@ def graph_case(record: Record, graph: str, infer: Callable[[dict], dict], inputs
 
 def _decoder_case(record: Record, infer: Callable[[dict], dict], inputs: BenchInputs, label: str,
                   text: dict[str, Any]) -> Case:
-    """N decoder steps through the real host loop (state fed back, stop token ignored)."""
-    import torch
-
-    from voxport.models.synthesizer import SynthesizerConfig
+    """N decoder steps through the real host loop (state fed back, stop token ignored), drawing the
+    prenet masks as the served runtime does (NumpyMasks)."""
+    from voxport.models.prenet_masks import NumpyMasks
+    from voxport.models.synthesizer_config import SynthesizerConfig
     from voxport.runtime.synthesizer_loop import run_host_loop
 
     a, m = inputs.arrays, inputs.meta["lengths"][label]
@@ -138,9 +144,9 @@ def _decoder_case(record: Record, infer: Callable[[dict], dict], inputs: BenchIn
     steps = int(m["decoder_steps"])
 
     def call() -> Any:
-        generator = torch.Generator().manual_seed(int(inputs.meta["seed"]))
+        masks = NumpyMasks(int(inputs.meta["seed"]))
         return run_host_loop(lambda _: encoded, infer, lambda f: {"mel_post": f["mel"]}, a[f"{label}.chars"],
-                             a["speaker_embedding"], 0, generator, cfg, max_decoder_steps=steps,
+                             a["speaker_embedding"], 0, masks, cfg, max_decoder_steps=steps,
                              stop_on_token=False)
 
     return call, m["decoder_audio_s"], {**text, "steps": steps}
@@ -184,7 +190,9 @@ def _graph_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         # ONNX Runtime CUDA keeps the CPU provider for the ops CUDA lacks, as the runtime asks it.
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if job["device"] == "cuda" else [
             "CPUExecutionProvider"]
-        options = {"providers": providers, "intra_op_threads": int(job["threads"])}
+        # The bench pins intra-op threads (as torch's) over the record's session settings; the rest
+        # (graph optimization, spinning) is what the build timed, and the row says what was used.
+        options = {"providers": providers, "intra_op_threads": int(job["threads"]) or None}
     elif record.format == "trt":
         from voxport.runtime.host import detect
 
@@ -197,6 +205,10 @@ def _graph_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     load_s = time.perf_counter() - start
     load_peak = peak_rss_mb()
     sync = cuda_sync(job["device"])
+    settings = getattr(backend, "settings", None)  # ONNX Runtime only
+    session = settings.to_dict() if settings is not None else None
+    if session is not None:
+        log.info("%s: ONNX Runtime session %s", record.file, session)
     rows = []
     try:
         for label in job["lengths"]:
@@ -208,7 +220,7 @@ def _graph_job(job: dict[str, Any]) -> list[dict[str, Any]]:
                 "format": record.format, "precision": record.precision, "stage": record.stage,
                 "sparsity": record.sparsity, "weights": record.weights, "device": job["device"],
                 "backend": type(backend).__name__, "providers": list(backend.providers), "length": label,
-                "input": described, "threads": int(job["threads"]), "warmup": int(job["warmup"]),
+                "input": described, "threads": int(job["threads"]), "session": session, "warmup": int(job["warmup"]),
                 "load_s": load_s, "load_peak_rss_mb": load_peak, "baseline_rss_mb": before, **figures,
             })
     finally:

@@ -118,6 +118,12 @@ class Corpus:
     def __len__(self) -> int:
         return len(self._items)
 
+    def fingerprint(self) -> str:
+        """The sha256 of the manifest: what calibration and gates saw (the stage cache's key)."""
+        import hashlib
+
+        return hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()
+
     def items(self, split: str | None = None, speaker: str | None = None,
               lang: str | None = None) -> list[CorpusItem]:
         """Items in manifest order, filtered by split ("calib"/"eval"), speaker and lang ("en"/"zh")."""

@@ -1,7 +1,6 @@
 """Component-level validation of an artifact against its PyTorch original, on real inputs.
 
-Graph outputs are compared value by value (export/parity.py); on top of that each component gets
-the figures a user of it cares about: waveform SNR and multi-resolution STFT distance for the
+Each component gets the figures a user of it cares about: waveform SNR and multi-resolution STFT distance for the
 vocoder, embedding cosine for the speaker encoder, mel SNR and stop-step agreement over a fixed
 number of decoder steps (same prenet masks) for the synthesizer.
 """
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from voxport.evaluate import compare, metrics
+from voxport.evaluate import metrics
 from voxport.models.graph import GraphSpec
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
@@ -96,26 +95,15 @@ def _utterance(partials: np.ndarray) -> np.ndarray:
     return mean / np.linalg.norm(mean)
 
 
-def graphs(
-    spec: GraphSpec, run_artifact: Runner, feeds: Sequence[Mapping[str, np.ndarray]],
-    tolerances: Mapping[str, compare.Tolerance],
-) -> tuple[dict[str, Any], list[str]]:
-    """Plain per-output comparison (used for graphs without component-level figures)."""
-    from voxport.export.onnx import validate_graph
-
-    figures, failures = validate_graph(spec, run_artifact, feeds, tolerances)
-    return {"outputs": figures, "inputs": len(feeds)}, failures
-
-
 def synthesizer(
     specs: Mapping[str, GraphSpec], runners: Mapping[str, Runner], cases: Sequence[tuple[list[int], np.ndarray]],
     steps: int, seed: int, tol: Mapping[str, Any], cfg: Any,
 ) -> tuple[dict[str, Any], list[str]]:
     """The three graphs together, through the host loop, against PyTorch: same text ids, same real
     speaker embedding, same seeded prenet masks, a fixed number of decoder steps (stop ignored)."""
-    import torch
-
-    from voxport.runtime.synthesizer_loop import run_host_loop, torch_runner
+    from voxport.models.prenet_masks_torch import TorchMasks
+    from voxport.models.synthesizer_reference import torch_runner
+    from voxport.runtime.synthesizer_loop import run_host_loop
 
     ref_runners = [torch_runner(specs[n]) for n in ("encoder", "decoder_step", "postnet")]
     test_runners = [runners[n] for n in ("encoder", "decoder_step", "postnet")]
@@ -125,7 +113,7 @@ def synthesizer(
         for run_enc, run_dec, run_post in (ref_runners, test_runners):
             results.append(run_host_loop(
                 run_enc, run_dec, run_post, np.asarray([ids], dtype=np.int64),
-                np.asarray(embedding, dtype=np.float32)[None], 0, torch.Generator().manual_seed(seed),
+                np.asarray(embedding, dtype=np.float32)[None], 0, TorchMasks(seed),  # a fresh one per side
                 cfg, max_decoder_steps=steps, stop_on_token=False,
             ))
         ref, out = results

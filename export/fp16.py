@@ -1,4 +1,4 @@
-"""Stage `fp16`: an FP16 ONNX artifact for GPU targets, overflow-prone nodes kept in FP32.
+"""Pass `fp16`: an FP16 ONNX artifact for GPU targets, overflow-prone nodes kept in FP32.
 
 Which nodes stay FP32 is decided by a reference run of the FP32 graph on real calibration speech
 (export/ranges.py), not guessed. The conversion keeps FP32 inputs and outputs (the runtime's
@@ -10,6 +10,7 @@ a short input, the better proxy for FP16 arithmetic, is recorded beside them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -19,25 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx import helper
 
-from voxport.errors import ConfigError
-from voxport.evaluate import inputs, quality
-from voxport.export.gate import (
-    gate_graph,
-    quiet_runner,
-    reference_specs,
-    synthesizer_cases,
-    timing_feed,
-    torch_half_figures,
-)
-from voxport.export.onnx import torch_runner
+from voxport.errors import ConfigError, GateError
 from voxport.export.ranges import RangeLimits, TensorRange, fp32_nodes, instrumented
-from voxport.models.checkpoint import sha256_file
-from voxport.pipeline.passes import StageContext, fail, known_settings, register
-from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
+from voxport.pipeline.passes import Candidate, PassContext, known_settings
+from voxport.pipeline.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +45,14 @@ class Fp16Config:
     exclude_nodes: tuple[str, ...] = ()
     torch_half_seconds: float = 0.25  # torch .half() CPU proxy on a short input (0: skip)
     measure_speed: bool = False
-    gate_seconds: float = 3.0
-    timing_seconds: float = 3.0
-    texts: tuple[str, ...] = ()
+    graph: str = ""
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> Fp16Config:
-        data = known_settings(cls, settings, "fp16")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**known_settings(cls, settings, "fp16", ignored=()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -171,48 +160,13 @@ def precision_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def reference_ranges(parent: Record, model: onnx.ModelProto, ctx: StageContext, cfg: Fp16Config,
+def reference_ranges(parent: Record, model: onnx.ModelProto, ctx: PassContext, cfg: Fp16Config,
                      ) -> tuple[dict[str, TensorRange], dict[str, Any]]:
-    """Run the FP32 graph on real calibration inputs; the range of every tensor, and what ran."""
+    """Run the FP32 graph on real calibration inputs (its component chooses them); the range of
+    every tensor, and what ran."""
     run, ranges = instrumented(model, threads=ctx.threads or 1)
-    source, specs = reference_specs(ctx, parent.component)
-    if parent.component == "vocoder":
-        from voxport.models.audio import MelConfig
-
-        mel_cfg = MelConfig.from_dict(source.contract["mel"])
-        clips = inputs.speech_clips(ctx.corpus, mel_cfg, cfg.calibration_clips, cfg.crop_seconds, split="calib")
-        for feed in inputs.vocoder_feeds(clips):
-            run(feed)
-        return ranges, {"split": "calib", "clips": [c.id for c in clips]}
-    if parent.component == "speaker_encoder":
-        enc_cfg = specs["speaker_encoder"].module.encoder.cfg
-        feeds = inputs.encoder_feeds(ctx.corpus, enc_cfg, cfg.calibration_clips, split="calib")
-        for feed in feeds:
-            run(feed)
-        return ranges, {"split": "calib", "utterances": len(feeds)}
-    import torch
-
-    from voxport.models.synthesizer import SynthesizerConfig
-    from voxport.runtime.synthesizer_loop import run_host_loop
-
-    syn_cfg = SynthesizerConfig.from_dict(source.model["config"])
-    graphs = {g: run if g == parent.graph else quiet_runner(ctx.bundle_dir / ctx.find(parent.component, g, "onnx").file)
-              for g in ("encoder", "decoder_step", "postnet")}
-    cases = synthesizer_cases(ctx, list(cfg.texts), syn_cfg.n_symbols, split="calib")
-    for ids, embedding in cases:
-        run_host_loop(graphs["encoder"], graphs["decoder_step"], graphs["postnet"], np.asarray([ids], dtype=np.int64),
-                      embedding[None].astype(np.float32), 0, torch.Generator().manual_seed(ctx.seed), syn_cfg,
-                      max_decoder_steps=cfg.calibration_steps, stop_on_token=False)
-    return ranges, {"split": "calib", "texts": len(cases), "decoder_steps": cfg.calibration_steps}
-
-
-def _headline(component: str, figures: Mapping[str, Any]) -> dict[str, Any]:
-    keys = {"vocoder": {"wav_snr_db_vs_fp32_min": "wav_snr_db_min", "mr_stft_distance_vs_fp32_max":
-                        "mr_stft_distance_max", "log_mel_distance_increase_db": "log_mel_distance_increase_db",
-                        "pesq_drop": "pesq_drop"},
-            "speaker_encoder": {"embedding_cosine_min": "embedding_cosine_min"},
-            "synthesizer": {"mel_snr_db_min": "mel_snr_db_min", "stop_agreement_min": "stop_agreement_min"}}
-    return {new: figures[old] for old, new in keys[component].items() if old in figures}
+    ran = ctx.component.drive(parent.graph, run, cfg.calibration_clips, cfg.crop_seconds, cfg.calibration_steps)
+    return ranges, ran
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -225,15 +179,14 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-@register("fp16")
-def run(parent: Record, cfg: Any, ctx: StageContext) -> Record:
-    """FP16 ONNX from the FP32 ONNX `parent`; gated with conf `gates.<component>.fp16`."""
+CONFIG = Fp16Config
+
+
+def transform(parent: Record, fcfg: Fp16Config, ctx: PassContext) -> Candidate:
+    """FP16 ONNX from the FP32 ONNX `parent`; the engine gates it with `gates.<component>.fp16`."""
     if parent.format != "onnx" or parent.precision != "fp32":
         raise ConfigError(f"fp16 stage needs an FP32 ONNX parent, got {parent.file} "
                           f"({parent.format} {parent.precision})")
-    settings = dict(cfg)
-    fcfg = Fp16Config.from_settings(settings)
-    gate = ctx.gate(parent.component, "fp16")
     label = f"{parent.key} FP16"
     model = prepare(onnx.load(str(ctx.bundle_dir / parent.file)))
     ranges, calibration = reference_ranges(parent, model, ctx, fcfg)
@@ -242,44 +195,28 @@ def run(parent: Record, cfg: Any, ctx: StageContext) -> Record:
     try:
         converted, info = to_fp16(model, keep, fcfg.exclude_op_types)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
-        fail(label, [f"FP16 conversion is not a valid ONNX model: {str(exc).splitlines()[0]}"], {}, [])
+        raise GateError(label, [f"FP16 conversion is not a valid ONNX model: {str(exc).splitlines()[0]}"]) from None
     name = parent.file.replace("_fp32.onnx", "_fp16.onnx") if parent.file.endswith("_fp32.onnx") \
         else f"{Path(parent.file).stem}_fp16.onnx"
     path = ctx.bundle_dir / name
     _save(converted, path)
-    written = [path]
     try:
-        run_fp16 = quiet_runner(path, threads=ctx.threads)
-        others = {r.graph: quiet_runner(ctx.bundle_dir / r.file, threads=ctx.threads) for r in ctx.records
-                  if r.component == parent.component and r.stage == "fp16" and r.graph != parent.graph}
-        figures, failures = gate_graph(parent, run_fp16, ctx, gate, settings, others)
-        half = torch_half_figures(parent, ctx, fcfg.torch_half_seconds, fcfg.texts) if fcfg.torch_half_seconds else {}
-        speed: dict[str, Any] = {}
-        if fcfg.measure_speed:
-            feed, seconds = timing_feed(parent, ctx, fcfg.timing_seconds)
-            _, specs = reference_specs(ctx, parent.component)
-            speed = quality.speed_figures(torch_runner(specs[parent.graph]), quiet_runner(ctx.bundle_dir / parent.file,
-                                          threads=ctx.threads), run_fp16, feed, seconds, ctx.timing_repeats,
-                                          ctx.timing_min_seconds)
-            speed["note"] = "ONNX Runtime CPU timing of a GPU artifact (inserted Casts): says nothing of GPU speed"
+        half = ctx.component.half_precision_proxy(parent.graph, fcfg.torch_half_seconds) \
+            if fcfg.torch_half_seconds else {}
     except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-    if failures:
-        fail(label, failures, figures, written)
     counts = precision_counts(converted)
     log.info("%s: %d nodes FP16, %d kept FP32 by the reference run", label, counts["fp16"], len(keep))
-    record = Record(
-        component=parent.component, graph=parent.graph, format="onnx", precision="fp16", file=name,
-        sha256=sha256_file(path), weights=parent.weights, stage="fp16", inputs=parent.inputs,
-        outputs=parent.outputs, parent=parent.file, parent_sha256=parent.sha256, model=parent.model,
-        contract=parent.contract,
-        config={**settings, "kept_fp32": [{"node": n, "reason": why} for n, why in sorted(keep.items())],
+    draft = Record(
+        component=parent.component, graph=parent.graph, format="onnx", precision="fp16", file=name, sha256="",
+        weights=parent.weights, stage="fp16", inputs=parent.inputs, outputs=parent.outputs, parent=parent.file,
+        parent_sha256=parent.sha256, model=parent.model, contract=parent.contract,
+        config={**fcfg.to_dict(), "kept_fp32": [{"node": n, "reason": why} for n, why in sorted(keep.items())],
                 "node_precisions": counts, "calibration": calibration, **info},
-        parity={**_headline(parent.component, figures), "measured_on": ORT_CPU_NOTE, "torch_half_cpu": half},
-        quality={**figures, "passed": True, "engine": "onnxruntime-cpu"}, speed=speed,
-        tools=tool_versions(), created=now_iso(),
+        parity={"measured_on": ORT_CPU_NOTE, "engine": "onnxruntime-cpu", "torch_half_cpu": half},
+        speed={"note": "ONNX Runtime CPU timing of a GPU artifact (inserted Casts): says nothing of GPU speed"}
+        if fcfg.measure_speed else {},
     )
-    write_record(record, ctx.bundle_dir)
-    return record
+    # ONNX Runtime CPU timing of a GPU artifact says nothing of GPU speed (and takes minutes).
+    return Candidate([draft], {"label": label, "timed": fcfg.measure_speed})

@@ -109,31 +109,3 @@ def shape_problem(profiles: Mapping[str, Mapping[str, Sequence[int]]], name: str
         return (f"input '{name}' shape {list(shape)} is outside the engine's profile {list(lo)}..{list(hi)}; "
                 "rebuild with a wider tensorrt.profile")
     return None
-
-
-def corpus_lengths(component: str, corpus: Any, contract: Mapping[str, Any], model: Mapping[str, Any],
-                   texts: Sequence[str]) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """Observed lengths per axis label for a component's graphs, and where each came from."""
-    items = corpus.items()
-    if component == "speaker_encoder":
-        from voxport.models.speaker_encoder import SpeakerEncoderConfig, compute_partial_slices
-
-        cfg = SpeakerEncoderConfig.from_dict(model["config"])
-        counts = [len(compute_partial_slices(int(i.duration_s * cfg.sample_rate), cfg)[0]) for i in items]
-        return {"batch": counts}, {"batch": f"partials per utterance of {len(items)} corpus recordings"}
-    lengths: dict[str, list[int]] = {}
-    sources: dict[str, str] = {}
-    mel = contract.get("mel") or {}
-    if mel:
-        frames = [int(i.duration_s * mel["sample_rate"]) // mel["hop_length"] + 1 for i in items]
-        lengths["frames"] = frames
-        sources["frames"] = (f"mel frames ({mel['sample_rate']} Hz, hop {mel['hop_length']}) of "
-                             f"{len(items)} corpus recordings")
-    if component == "synthesizer":
-        from voxport.models.text import encode_text
-
-        n_symbols = int(model["config"]["n_symbols"])
-        sentences = [*texts, *(i.text for i in items if i.text)]
-        lengths["text"] = [len(ids) for s in sentences for ids in encode_text(s, n_symbols)]
-        sources["text"] = f"symbols per fragment of {len(sentences)} texts (configured + corpus transcripts)"
-    return lengths, sources

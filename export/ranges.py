@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from voxport.runtime.backends.onnxruntime import SessionSettings, open_session
+
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
@@ -66,20 +68,14 @@ class RangeLimits:
 def instrumented(model: onnx.ModelProto, threads: int = 1) -> tuple[Runner, dict[str, TensorRange]]:
     """A Runner over an FP32 `model` that returns its declared outputs and records the range of
     every float tensor computed on the way (all node outputs become session outputs)."""
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     declared = [o.name for o in probe.graph.output]
     extra = [o for n in probe.graph.node for o in n.output if o and o not in declared]
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see export/gate.quiet_runner
     # No fusion: every tensor of the graph as written, so a range maps to the node producing it.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    settings = SessionSettings(graph_optimization="disabled", intra_op_threads=threads)
+    session = open_session(probe.SerializeToString(), settings=settings)
     in_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
     ranges: dict[str, TensorRange] = {}

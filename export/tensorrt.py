@@ -1,4 +1,4 @@
-"""Stage `tensorrt`: a serialized TensorRT engine per graph, from an FP16 (or FP32) ONNX artifact.
+"""Pass `tensorrt`: a serialized TensorRT engine per graph, from an FP16 (or FP32) ONNX artifact.
 
 Written against the TensorRT Python API (10.x / 11.x) and imported lazily: this host has neither
 CUDA nor TensorRT, so here the stage stops with one line naming what is missing. The engine is
@@ -12,6 +12,7 @@ FP32-typed layer pinned to FP32, which emulates the same.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -20,13 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from voxport.errors import ConfigError, EngineBuildError
-from voxport.evaluate import quality
-from voxport.export.gate import gate_graph, reference_specs, timing_feed
-from voxport.export.onnx import torch_runner
-from voxport.export.profiles import ProfileConfig, axis_ranges, corpus_lengths, profile_shapes
-from voxport.models.checkpoint import sha256_file
-from voxport.pipeline.passes import StageContext, fail, known_settings, register
-from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
+from voxport.export.profiles import ProfileConfig, axis_ranges, profile_shapes
+from voxport.pipeline.passes import Candidate, PassContext, known_settings
+from voxport.pipeline.records import Record
 from voxport.runtime.host import Host, detect, missing_requirements
 
 log = logging.getLogger(__name__)
@@ -42,9 +39,7 @@ class TensorRTConfig:
     strongly_typed: str = "auto"  # auto | always | never
     tf32: bool = False
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    texts: tuple[str, ...] = ()
-    gate_seconds: float = 3.0
-    timing_seconds: float = 3.0
+    graph: str = ""
 
     def __post_init__(self) -> None:
         if self.strongly_typed not in ("auto", "always", "never"):
@@ -54,10 +49,12 @@ class TensorRTConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> TensorRTConfig:
-        data = known_settings(cls, settings, "tensorrt")
+        data = known_settings(cls, settings, "tensorrt", ignored=())
         data["profile"] = ProfileConfig.from_dict(data.get("profile"))
-        data["texts"] = tuple(data.get("texts") or ())
         return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def require_tensorrt(host: Host) -> Any:
@@ -160,59 +157,29 @@ def _write_bytes(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-@register("tensorrt")
-def run(parent: Record, cfg: Any, ctx: StageContext) -> Record:
-    """Engine of `parent` (an ONNX artifact), gated like its precision; record with fingerprint."""
+CONFIG = TensorRTConfig
+
+
+def transform(parent: Record, tcfg: TensorRTConfig, ctx: PassContext) -> Candidate:
+    """Engine of `parent` (an ONNX artifact) built on this GPU; its record carries the fingerprint."""
     if parent.format != "onnx":
         raise ConfigError(f"tensorrt stage needs an ONNX parent, got {parent.file} ({parent.format})")
-    settings = dict(cfg)
-    tcfg = TensorRTConfig.from_settings(settings)
-    gate = ctx.gate(parent.component, parent.precision)  # before the (long) build: fail fast
+    ctx.component.gate(parent.precision)  # before the (long) build: a missing gate fails fast
     host = detect()
     trt = require_tensorrt(host)
-    source = ctx.source(parent.component)
-    lengths, provenance = corpus_lengths(parent.component, ctx.corpus, source.contract, source.model, tcfg.texts)
+    lengths, provenance = ctx.component.axis_lengths()
     ranges = axis_ranges(lengths, tcfg.profile)
     profiles = profile_shapes(parent.inputs, ranges)
     engine, facts = build_engine(trt, ctx.bundle_dir / parent.file, profiles, tcfg, fp16=parent.precision == "fp16")
-    name = f"{Path(parent.file).stem}.plan"
-    path = ctx.bundle_dir / name
+    path = ctx.bundle_dir / f"{Path(parent.file).stem}.plan"
     _write_bytes(path, engine)
-    written = [path]
-    fingerprint = {**host.fingerprint(), "profiles": profiles}
     draft = Record(
-        component=parent.component, graph=parent.graph, format="trt", precision=parent.precision, file=name,
-        sha256=sha256_file(path), weights=parent.weights, stage="tensorrt", inputs=parent.inputs,
-        outputs=parent.outputs, parent=parent.file, parent_sha256=parent.sha256, model=parent.model,
-        contract=parent.contract, host=fingerprint, tools=tool_versions(), created=now_iso(),
-        config={**settings, **facts, "axis_ranges": ranges, "profile_sources": provenance},
+        component=parent.component, graph=parent.graph, format="trt", precision=parent.precision, file=path.name,
+        sha256="", weights=parent.weights, stage="tensorrt", inputs=parent.inputs, outputs=parent.outputs,
+        parent=parent.file, parent_sha256=parent.sha256, model=parent.model, contract=parent.contract,
+        host={**host.fingerprint(), "profiles": profiles},
+        config={**tcfg.to_dict(), **facts, "axis_ranges": ranges, "profile_sources": provenance},
+        speed={"note": "engine on the GPU vs PyTorch FP32 on this host's CPU, in one process"},
     )
-    try:
-        from voxport.runtime.backends.tensorrt import TensorRTBackend
-
-        backend = TensorRTBackend(host=host)
-        backend.load(draft, ctx.bundle_dir)
-        # Synthesizer: the engines of its other graphs built so far serve beside this one.
-        siblings = {}
-        for r in ctx.records:
-            if r.component == parent.component and r.stage == "tensorrt" and r.graph != parent.graph:
-                siblings[r.graph] = TensorRTBackend(host=host)
-                siblings[r.graph].load(r, ctx.bundle_dir)
-        figures, failures = gate_graph(parent, backend.infer, ctx, gate, settings,
-                                       {g: b.infer for g, b in siblings.items()})
-        for sibling in siblings.values():
-            sibling.close()
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    if failures:
-        fail(f"{parent.key} TensorRT {parent.precision}", failures, figures, written)
-    feed, seconds = timing_feed(parent, ctx, tcfg.timing_seconds)
-    _, specs = reference_specs(ctx, parent.component)
-    speed = quality.speed_figures(torch_runner(specs[parent.graph]), None, backend.infer, feed, seconds,
-                                  ctx.timing_repeats, ctx.timing_min_seconds)
-    speed["note"] = "engine on the GPU vs PyTorch FP32 on this host's CPU, in one process"
-    record = draft.replace(quality={**figures, "passed": True, "engine": backend.providers[0]}, speed=speed)
-    backend.close()
-    write_record(record, ctx.bundle_dir)
-    return record
+    # Timed against PyTorch only: its FP16 ONNX parent on ONNX Runtime CPU says nothing of a GPU.
+    return Candidate([draft], {"label": f"{parent.key} TensorRT {parent.precision}", "time_parent": False})

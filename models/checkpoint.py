@@ -13,10 +13,12 @@ import logging
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from voxport.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read: `sha256_file` serves torch-free code too
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file and return its flat state_dict (tensors only, on CPU)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -68,6 +72,8 @@ def _unnest(obj: object, name: str) -> dict[str, torch.Tensor]:
 
 
 def _is_state_dict(mapping: Mapping) -> bool:
+    import torch
+
     return all(isinstance(k, str) for k in mapping) and all(
         isinstance(v, torch.Tensor) for v in mapping.values()
     )

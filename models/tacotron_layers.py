@@ -15,14 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+# GST sizes fixed by every MockingBird checkpoint, defined beside the (torch-free) config that needs GST_E.
+from voxport.models.synthesizer_config import GST_E, GST_HEADS, GST_REF_FILTERS, GST_REF_WIDTH, GST_TOKENS  # noqa: F401
 
-# GST hyperparameters fixed by every MockingBird checkpoint (gst_hyperparameters.py).
-GST_E = 512  # style embedding size
-GST_TOKENS = 10
-GST_HEADS = 8
-GST_REF_FILTERS = (32, 32, 64, 64, 128, 128)
-GST_REF_WIDTH = 256  # reference "mel" width: MockingBird feeds the 256-d speaker embedding here
+log = logging.getLogger(__name__)
 
 
 class PreNet(nn.Module):

@@ -1,143 +1,146 @@
-"""Optimization stages: registry, context, and the rules every stage follows.
+"""Passes: the one registry of optimization steps, and the contract every pass follows.
 
-A stage is `run(parent: Record, cfg, ctx) -> Record`: it reads its parent artifact from the
-bundle, writes a new artifact beside it, measures parity against the PyTorch FP32 original and
-quality where a listener would notice, times itself against its parent in the same process, and
-writes the record only if the gate passed. On a failed gate it deletes what it wrote and raises
-`GateError` listing every metric. Stages never mutate their parent nor global torch settings.
+A pass only transforms. Its module defines a typed config (`CONFIG`, a frozen dataclass whose
+defaults live in conf/) and `transform(parent, config, ctx) -> Candidate`: it reads its parent
+artifact, writes the candidate's file(s) into the bundle being built, and describes them as draft
+records. It does not gate, time or write records: the engine (pipeline/engine.py) asks the
+component to judge the candidate, times it, and writes the records, or removes the candidate's
+files when it fails. A pass may consult its component (calibration inputs, the gate a
+mixed-precision search needs on calibration speech), never compare component names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from voxport.errors import ConfigError, GateError
-from voxport.evaluate.corpus import Corpus
+from voxport.errors import ConfigError
 from voxport.pipeline.records import Record
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from voxport.evaluate.components import Component
+
+
+@dataclass(frozen=True)
+class PassKind:
+    """One kind of optimization step: where it lives and how the engine treats its candidates."""
+
+    name: str
+    module: str  # defines CONFIG (dataclass) and transform(parent, config, ctx) -> Candidate
+    settings: str | None = None  # conf node shared by every pass of the kind (`quantize`, `prune`)
+    requires: tuple[str, ...] = ()  # host capabilities without which it cannot run at all
+    exact: bool = False  # an exact transform: judged by FP32 parity against its parent, not by ear
+    timed: bool = True  # timed side by side against PyTorch FP32 (and its parent)
+
+    def load(self) -> Any:
+        return importlib.import_module(self.module)
+
+    def config(self, settings: Mapping[str, Any]) -> Any:
+        """The pass's typed config from its conf node merged with the preset entry; a key the
+        dataclass lacks (a typo in conf/ or on the command line) is an error naming it."""
+        cls = self.load().CONFIG
+        from_settings = getattr(cls, "from_settings", None)
+        if from_settings is not None:
+            return from_settings(settings)
+        return cls(**known_settings(cls, settings, self.settings or self.name))
+
+    def transform(self) -> Callable[[Record, Any, PassContext], Candidate]:
+        return isolated(self.load().transform)
+
+    def key_fields(self, config: Any) -> dict[str, Any]:
+        """The part of `config` that decides the candidate (the stage cache's key)."""
+        fields = getattr(self.load(), "KEY_FIELDS", None)
+        data = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+        return {k: v for k, v in data.items() if fields is None or k in fields}
+
+
+PASSES: dict[str, PassKind] = {kind.name: kind for kind in (
+    PassKind("onnx_export", "voxport.export.onnx", settings="export", exact=True),
+    PassKind("quantize_dynamic", "voxport.quantize.dynamic", settings="quantize"),
+    PassKind("quantize_static", "voxport.quantize.static", settings="quantize"),
+    PassKind("bf16", "voxport.quantize.bf16"),
+    PassKind("prune_magnitude", "voxport.prune.magnitude", settings="prune"),
+    PassKind("prune_structured", "voxport.prune.structured", settings="prune"),
+    PassKind("fp16", "voxport.export.fp16", settings="fp16"),
+    PassKind("tensorrt", "voxport.export.tensorrt", settings="tensorrt", requires=("cuda", "tensorrt")),
+)}
+
+
+def pass_kind(name: str) -> PassKind:
+    if name not in PASSES:
+        raise ConfigError(f"unknown stage '{name}'; known: {', '.join(sorted(PASSES))}")
+    return PASSES[name]
 
 
 @dataclass
-class StageContext:
-    """What every stage may use: the bundle being built, real speech, gates and settings."""
+class PassContext:
+    """What a pass may use: the bundle being built, its component, and the records so far."""
 
     bundle_dir: Path
-    corpus: Corpus
-    records: list[Record]  # every record written so far in this build
-    gates: dict[str, Any]  # conf `gates`: per component, per precision
+    component: Component
+    records: list[Record]
     seed: int = 1234
-    threads: int = 0  # 0 = engine default
-    timing_repeats: int = 5
-    timing_min_seconds: float = 0.0  # more rounds for short workloads (quality.side_by_side)
-    cache: dict[str, Any] = field(default_factory=dict)  # per-build memo (e.g. FP32 quality baseline)
-    skipped: list[dict[str, str]] = field(default_factory=list)  # stages that raised StageSkipped
+    threads: int = 0
 
-    def source(self, component: str) -> Record:
-        """The PyTorch FP32 original of a component: the reference for every comparison."""
-        for r in self.records:
-            if r.component == component and r.stage == "source":
-                return r
-        raise ConfigError(f"no PyTorch source record for '{component}' in this build")
+    def record(self, file: str) -> Record | None:
+        """The record of `file` in this build (e.g. the torch model an ONNX parent came from)."""
+        return next((r for r in self.records if r.file == file), None)
 
-    def find(self, component: str, graph: str, fmt: str, precision: str = "fp32") -> Record:
-        for r in reversed(self.records):
-            if (r.component, r.graph, r.format, r.precision) == (component, graph, fmt, precision):
-                return r
-        raise ConfigError(f"no {fmt} {precision} artifact of {component}/{graph} built before this stage")
 
-    def gate(self, component: str, precision: str) -> dict[str, Any]:
-        try:
-            return dict(self.gates[component][precision])
-        except KeyError:
-            raise ConfigError(f"no gate configured for {component} {precision} (conf gates)") from None
+@dataclass
+class Candidate:
+    """What a pass made: draft records (sha256 set; no quality or speed yet) of files it wrote
+    into the bundle, in the order the engine should judge and write them."""
+
+    records: list[Record]
+    notes: dict[str, Any] = field(default_factory=dict)  # facts for the log and the failure message
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(r.file) for r in self.records]
 
 
 def known_settings(config_cls: type, settings: Mapping[str, Any], section: str,
                    ignored: tuple[str, ...] = ("graph",)) -> dict[str, Any]:
-    """The entries of `settings` that are fields of the dataclass `config_cls`; any other key (a
-    typo in conf/ or on the command line) is an error naming it, never silently dropped."""
+    """The entries of `settings` that are fields of the dataclass `config_cls`; any other key is an
+    error naming it, never silently dropped. Lists become tuples (configs are frozen)."""
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(settings) - known - set(ignored))
     if unknown:
         raise ConfigError(f"{section}: unknown settings {unknown} (known: {sorted(known)})")
-    return {k: v for k, v in settings.items() if k in known}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known}
 
 
-def artifact_name(parent_file: str, tag: str) -> str:
-    """The file a stage derives from its parent: `vocoder_fp32.onnx` -> `vocoder_int8_static.onnx`;
-    a parent made by an earlier stage keeps its name (`vocoder_pruned_obs_structured_10.onnx` ->
-    `vocoder_pruned_obs_structured_10_int8_static.onnx`), so no stage ever writes over its parent."""
+def artifact_name(parent_file: str, tag: str, suffix: str | None = None) -> str:
+    """The file a pass derives from its parent: `vocoder_fp32.onnx` -> `vocoder_int8_static.onnx`;
+    a parent made by an earlier pass keeps its name (`vocoder_pruned_obs_structured_10.onnx` ->
+    `vocoder_pruned_obs_structured_10_int8_static.onnx`), so no pass ever writes over its parent."""
     path = Path(parent_file)
-    return f"{path.stem.removesuffix('_fp32')}_{tag}{path.suffix}"
+    return f"{path.stem.removesuffix('_fp32')}_{tag}{suffix or path.suffix}"
 
 
-StageFn = Callable[[Record, Any, StageContext], Record]
-_STAGES: dict[str, StageFn] = {}
+def isolated(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` run without leaking global torch state (RNG, threads, grad mode) to its caller.
 
-
-def register(kind: str) -> Callable[[StageFn], StageFn]:
-    def wrap(fn: StageFn) -> StageFn:
-        _STAGES[kind] = fn
-        return fn
-
-    return wrap
-
-
-def stage(kind: str) -> StageFn:
-    """The stage function registered under `kind` (modules are imported on first use)."""
-    if kind not in _STAGES:
-        import importlib
-
-        module = STAGE_MODULES.get(kind)
-        if module is None:
-            raise ConfigError(f"unknown stage '{kind}'; known: {', '.join(sorted(STAGE_MODULES))}")
-        importlib.import_module(module)
-    return _isolated(_STAGES[kind])
-
-
-def _isolated(fn: StageFn) -> StageFn:
-    """Run a stage without leaking global torch state (RNG, threads, grad mode) to its caller.
-
-    Stages draw random numbers (initialisation, masks) and tune threads for timing; whatever they
-    do, the process continues exactly as before, which the build and the tests rely on.
+    Passes draw random numbers (initialisation, masks) and tune threads, and so does judging
+    (building a module to load weights into draws its initial weights); whatever they do, the
+    process continues exactly as before, which the build and the tests rely on.
     """
-    import functools
-
-    import torch
-
     @functools.wraps(fn)
-    def run(parent: Record, cfg: Any, ctx: StageContext) -> Record:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
         threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
         try:
             with torch.random.fork_rng(devices=[]):
-                return fn(parent, cfg, ctx)
+                return fn(*args, **kwargs)
         finally:
             torch.set_num_threads(threads)
             torch.set_grad_enabled(grad)
 
     return run
-
-
-# Where each stage kind lives; importing the module registers it.
-STAGE_MODULES = {
-    "quantize_dynamic": "voxport.quantize.dynamic",
-    "quantize_static": "voxport.quantize.static",
-    "bf16": "voxport.quantize.bf16",
-    "prune_magnitude": "voxport.prune.magnitude",
-    "prune_structured": "voxport.prune.structured",
-    "fp16": "voxport.export.fp16",
-    "tensorrt": "voxport.export.tensorrt",
-}
-
-
-def fail(artifact: str, failures: list[str], figures: dict[str, Any], written: list[Path]) -> None:
-    """Delete what a stage wrote and raise GateError with every figure (never half an artifact)."""
-    for path in written:
-        Path(path).unlink(missing_ok=True)
-    raise GateError(artifact, failures, figures)

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from voxport.errors import ConfigError
-from voxport.pipeline.passes import StageContext, register
+from voxport.pipeline.passes import Candidate, PassContext
 from voxport.pipeline.records import Record
-from voxport.prune.vocoder_stage import finish_vocoder_stage, load_parent, target_sparsity
+from voxport.prune.common import load_parent, pruned_candidate
+from voxport.prune.config import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,19 @@ def _zero_smallest(w: torch.Tensor, k: int) -> None:
         w[torch.argsort(w.abs(), stable=True)[:k]] = 0.0
 
 
-@register("prune_magnitude")
-def run(parent: Record, cfg: dict[str, Any], ctx: StageContext) -> Record:
-    """Unstructured L1 pruning of the PyTorch FP32 vocoder to `cfg.sparsity`, gated like any lossy stage."""
-    sparsity, scope = target_sparsity(cfg, 0.3), str(cfg.get("scope", "global"))
-    exclude = tuple(cfg.get("exclude") or ())
-    module = load_parent(parent, ctx)  # a fresh copy: the parent artifact is never touched
-    stats = magnitude_prune(module, sparsity, scope, exclude)
-    pct = round(100 * sparsity)
+CONFIG = PruneConfig
+
+
+def transform(parent: Record, config: PruneConfig, ctx: PassContext) -> Candidate:
+    """Unstructured L1 pruning of a PyTorch FP32 model to `sparsity` (default 0.3)."""
+    sparsity = config.target(0.3)
+    parent_module = load_parent(parent, ctx)
+    module = load_parent(parent, ctx)  # a fresh copy to prune
+    stats = magnitude_prune(module, sparsity, config.scope, config.exclude)
     log.info("%s: %.1f %% of %d prunable weights are zero (%s)", parent.component, 100 * stats["sparsity"],
-             stats["prunable_weights"], scope)
-    details = {"method": "l1_unstructured", "scope": scope, "target_sparsity": sparsity,
+             stats["prunable_weights"], config.scope)
+    details = {"method": "l1_unstructured", "scope": config.scope, "target_sparsity": sparsity,
                "achieved_sparsity": stats["sparsity"], "prunable_weights": stats["prunable_weights"],
-               "exclude": list(exclude)}
-    return finish_vocoder_stage(parent, module, cfg, ctx, stem=f"{parent.component}_pruned_l1_unstructured_{pct}",
-                                sparsity=stats["sparsity"], details=details)
+               "exclude": list(config.exclude)}
+    stem = f"{parent.component}_pruned_l1_unstructured_{round(100 * sparsity)}"
+    return pruned_candidate(parent, parent_module, module, config, ctx, stem, stats["sparsity"], details)

@@ -1,4 +1,4 @@
-"""Stage `prune_structured`: a smaller dense HiFi-GAN (fewer resblock inner channels), gated.
+"""Pass `prune_structured`: a smaller dense HiFi-GAN (fewer resblock inner channels), gated.
 
 `sparsity` here is the share of the generator's FLOPs to remove (see prune/channels.py for how
 the channels are chosen and the survivors compensated). Calibration statistics come from real
@@ -18,40 +18,35 @@ distance +0.3 dB and PESQ -0.1 vs FP32; figures are increase / drop vs FP32; 12 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
 
-from voxport.evaluate import inputs
-from voxport.pipeline.passes import StageContext, register
+from voxport.pipeline.passes import Candidate, PassContext
 from voxport.pipeline.records import Record
 from voxport.prune.channels import prune_vocoder
+from voxport.prune.common import load_parent, pruned_candidate
+from voxport.prune.config import PruneConfig
 from voxport.prune.finetune import finetune
-from voxport.prune.vocoder_stage import finish_vocoder_stage, load_parent, target_sparsity
 
 log = logging.getLogger(__name__)
 
 
-@register("prune_structured")
-def run(parent: Record, cfg: dict[str, Any], ctx: StageContext) -> Record:
-    """Prune the PyTorch FP32 vocoder's resblock inner channels by `cfg.sparsity` of its FLOPs."""
-    fraction = target_sparsity(cfg, 0.1)
-    importance, allocation = str(cfg.get("importance", "obs")), str(cfg.get("allocation", "global"))
-    teacher = load_parent(parent, ctx)  # a fresh copy: the parent artifact is never touched
-    clips = inputs.speech_clips(ctx.corpus, teacher.cfg.mel, int(cfg.get("calibration_clips", 12)),
-                                float(cfg.get("calibration_seconds", 3.0)), split="calib")
+CONFIG = PruneConfig
+
+
+def transform(parent: Record, config: PruneConfig, ctx: PassContext) -> Candidate:
+    """Prune the PyTorch FP32 vocoder's resblock inner channels by `sparsity` of its FLOPs."""
+    fraction = config.target(0.1)
+    teacher = load_parent(parent, ctx)
+    clips = ctx.component.training_clips(config.calibration_clips, config.calibration_seconds)
     mels = [torch.from_numpy(c.mel[None].astype(np.float32)) for c in clips]
-    pruned, details = prune_vocoder(teacher, fraction, importance, allocation, mels,
-                                    damp=float(cfg.get("damp", 1e-3)))
+    pruned, details = prune_vocoder(teacher, fraction, config.importance, config.allocation, mels, damp=config.damp)
     details["calibration_clips"] = [c.id for c in clips]
-    seconds = float(cfg.get("finetune_seconds", 0) or 0)
-    if seconds > 0:
-        details["finetune"] = finetune(
-            pruned, teacher, clips, seconds, lr=float(cfg.get("finetune_lr", 1e-5)), seed=ctx.seed,
-            target=str(cfg.get("finetune_target", "fp32")))
-    pct = round(100 * fraction)
+    if config.finetune_seconds > 0:
+        details["finetune"] = finetune(pruned, teacher, clips, config.finetune_seconds, lr=config.finetune_lr,
+                                       seed=ctx.seed, target=config.finetune_target)
     base_params = sum(p.numel() for p in teacher.parameters())
     sparsity = 1.0 - sum(p.numel() for p in pruned.parameters()) / base_params  # weights removed
-    return finish_vocoder_stage(parent, pruned, cfg, ctx, stem=f"vocoder_pruned_{importance}_structured_{pct}",
-                                sparsity=sparsity, details=details)
+    stem = f"{parent.component}_pruned_{config.importance}_structured_{round(100 * fraction)}"
+    return pruned_candidate(parent, teacher, pruned, config, ctx, stem, sparsity, details)

@@ -1,4 +1,4 @@
-"""Stage `bf16`: a bfloat16 PyTorch artifact, offered only where the CPU computes bfloat16 natively.
+"""Pass `bf16`: a bfloat16 PyTorch artifact, offered only where the CPU computes bfloat16 natively.
 
 Measured on an AVX512-BF16 host, bfloat16 HiFi-GAN was 1.8x faster than FP32 and inaudible
 (log-mel 3.0 vs 2.9 dB, PESQ unchanged), although its waveform SNR vs FP32 is only 20-25 dB.
@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from voxport.errors import ConfigError, StageSkipped
-from voxport.evaluate import quality
-from voxport.export.onnx import torch_runner
 from voxport.models import registry
-from voxport.models.checkpoint import sha256_file
-from voxport.pipeline.passes import StageContext, artifact_name, fail, register
-from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
+from voxport.pipeline.passes import Candidate, PassContext, artifact_name
+from voxport.pipeline.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -73,45 +70,26 @@ def to_bf16(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-@register("bf16")
-def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
+@dataclass(frozen=True)
+class Bf16Config:
+    graph: str = ""
+
+
+CONFIG = Bf16Config
+
+
+def transform(parent: Record, config: Bf16Config, ctx: PassContext) -> Candidate:
     native, why = native_bf16()
     if not native:
         raise StageSkipped(f"bf16 {parent.key}: {why}")
-    if parent.format != "torch" or parent.component != "vocoder":
-        raise ConfigError(f"bf16 is offered for the PyTorch vocoder (parent: torch), got {parent.format} {parent.key}")
-    gate = ctx.gate(parent.component, PRECISION)
+    if parent.format != "torch" or parent.graph == "*":
+        raise ConfigError(f"bf16 is offered for single-graph PyTorch models (parent: torch), got {parent.format} "
+                          f"{parent.key}")
     fp32 = registry.load_torch_artifact(ctx.bundle_dir / parent.file, parent.model)
-    model = {**parent.model, "dtype": "bfloat16"}
     out = ctx.bundle_dir / artifact_name(parent.file, "bf16")
     registry.save_torch_artifact(copy.deepcopy(fp32).to(torch.bfloat16), out)
-    try:
-        run_ref = torch_runner(registry.graph_specs(fp32, parent.model)["vocoder"])
-        module = registry.load_torch_artifact(out, model)
-        spec = registry.graph_specs(module, model)["vocoder"]
-        run_test = torch_runner(spec)
-        mel_cfg = fp32.cfg.mel
-        clips = quality.gate_clips(ctx.corpus, mel_cfg, 3.0)
-        figures, failures, _ = quality.vocoder_gate(run_ref, run_test, clips, mel_cfg.sample_rate, gate)
-        from voxport.quantize.static import timing_feed
-
-        feed, audio_s = timing_feed(ctx, mel_cfg, float(cfg.get("timing_seconds", 3.0)))
-        speed = quality.speed_figures(run_ref, None, run_test, feed, audio_s, ctx.timing_repeats,
-                                      ctx.timing_min_seconds)
-        if gate.get("require_speedup") and speed["speedup_vs_torch_fp32"] <= 1.0:
-            failures.append(f"not faster than PyTorch FP32: {speed['speedup_vs_torch_fp32']:.2f}x")
-        if failures:
-            fail(out.name, failures, {"quality": figures, "speed": speed}, [out])
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    record = Record(
+    draft = Record(
         component=parent.component, graph=parent.graph, format="torch", precision=PRECISION, file=out.name,
-        sha256=sha256_file(out), weights=parent.weights, stage="bf16", parent=parent.file,
-        parent_sha256=parent.sha256, model=model, contract=parent.contract, config={**dict(cfg), "host": why},
-        parity={"wav_snr_db_vs_fp32_min": figures["wav_snr_db_vs_fp32_min"]},
-        quality={**figures, "passed": True}, speed={**speed, "measured": True}, tools=tool_versions(),
-        created=now_iso(),
-    )
-    write_record(record, ctx.bundle_dir)
-    return record
+        sha256="", weights=parent.weights, stage="bf16", parent=parent.file, parent_sha256=parent.sha256,
+        model={**parent.model, "dtype": "bfloat16"}, contract=parent.contract, config={"host": why})
+    return Candidate([draft])

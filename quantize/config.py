@@ -46,17 +46,14 @@ class QuantizeConfig:
     search_seconds: float = 1.5
     search_margin: float = 0.7  # fraction of the gate the search must meet on calibration clips
     search_max_trials: int = 12
-    gate_seconds: float = 3.0  # held-out clips of the final gate are cropped to this
     # Dynamic INT8
     engine: str = "onnxruntime"
     dynamic_op_types: tuple[str, ...] = ("LSTM", "MatMul", "Gemm")
-    texts: tuple[str, ...] = ("Voice cloning turns a few seconds of speech into a new voice.",)  # synthesizer gate
-    # From the stage entry and the build
+    # From the stage entry
     graph: str = ""
-    timing_seconds: float = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("op_types", "exclude_op_types", "exclude_nodes", "dynamic_op_types", "texts"):
+        for name in ("op_types", "exclude_op_types", "exclude_nodes", "dynamic_op_types"):
             object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name) or ()))
         checks = [("calibration", CALIBRATION_METHODS), ("search", SEARCHES), ("rank_by", RANK_BY),
                   ("engine", ENGINES), ("weight_type", INT8_TYPES), ("activation_type", INT8_TYPES)]
@@ -72,7 +69,7 @@ class QuantizeConfig:
         for name in ("calibration_clips", "rank_clips", "search_clips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quantize.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("crop_seconds", "rank_seconds", "search_seconds", "gate_seconds", "timing_seconds"):
+        for name in ("crop_seconds", "rank_seconds", "search_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"quantize.{name} must be > 0, got {getattr(self, name)}")
 
@@ -86,5 +83,19 @@ class QuantizeConfig:
             raise ConfigError(f"unknown quantize setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**dict(cfg))
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> QuantizeConfig:
+        return cls.from_cfg(settings)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# The settings that decide each pass's artifact (the stage cache's key): `quantize.calibration=entropy`
+# reruns the static pass only, not the dynamic ones that share the `quantize` node.
+_SEARCH = ("search", "rank_by", "rank_clips", "rank_seconds", "search_clips", "search_seconds", "search_margin",
+           "search_max_trials", "graph")
+STATIC_FIELDS = ("calibration", "percentile", "histogram_bins", "per_channel", "reduce_range", "calibration_clips",
+                 "crop_seconds", "op_types", "exclude_op_types", "exclude_nodes", "keep_output_layer_float",
+                 "weight_type", "activation_type", *_SEARCH)
+DYNAMIC_FIELDS = ("engine", "dynamic_op_types", "reduce_range", "weight_type", *_SEARCH)

@@ -1,4 +1,4 @@
-"""Stage `quantize_dynamic`: INT8 weights, activations quantized at run time (LSTM / GRU / Linear).
+"""Pass `quantize_dynamic`: INT8 weights, activations quantized at run time (LSTM / GRU / Linear).
 
 Two flavours, chosen by the parent: an ONNX parent gets ONNX Runtime's `quantize_dynamic`
 (DynamicQuantizeLSTM, MatMulInteger / DynamicQuantizeMatMul), a torch parent gets
@@ -12,9 +12,9 @@ because its raw power-mel input sits below one INT8 step, and the search keeps t
 layer float. The exported encoder already has one ONNX LSTM node per layer (ONNX's LSTM is
 single-layer), so ONNX Runtime needs no re-export; PyTorch's 3-layer nn.LSTM is split.
 
-Gates (quantize/gates.py): encoder, cosine vs FP32 and unchanged same/different-speaker
-decisions on held-out voices; synthesizer decoder step, mel SNR and stop-step agreement vs FP32
-over fixed decoder steps.
+The search consults the component's gate on calibration inputs (evaluate/components/): the
+encoder's cosine vs FP32 and same/different-speaker decisions, the synthesizer decoder step's mel
+SNR and stop-step agreement over fixed decoder steps; the engine judges the result on held-out ones.
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxport.errors import ConfigError
+from voxport.errors import ConfigError, GateError
 from voxport.export.onnx import ort_runner, tensor_specs, torch_runner
 from voxport.models import registry
-from voxport.models.checkpoint import sha256_file
-from voxport.pipeline.passes import StageContext, artifact_name, fail, register
-from voxport.pipeline.records import Record, now_iso, tool_versions, write_record
+from voxport.pipeline.passes import Candidate, PassContext, artifact_name
+from voxport.pipeline.records import Record
 from voxport.quantize import qdq, search, torch_dynamic
-from voxport.quantize.config import QuantizeConfig
-from voxport.quantize.gates import component_gate
+from voxport.quantize.config import DYNAMIC_FIELDS, QuantizeConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,76 +44,60 @@ PRECISION = "int8-dynamic"
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-@register("quantize_dynamic")
-def run(parent: Record, cfg: Mapping[str, Any], ctx: StageContext) -> Record:
-    qc = QuantizeConfig.from_cfg(cfg)
+CONFIG = QuantizeConfig
+KEY_FIELDS = DYNAMIC_FIELDS
+SEARCHES = True  # the search aims at the gate: a changed gate is a new search (the stage cache's key)
+
+
+def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate:
     graph = parent.graph if parent.graph != "*" else qc.graph
-    if parent.component not in ("speaker_encoder", "synthesizer"):
-        raise ConfigError(f"quantize_dynamic is for LSTM/Linear components, not {parent.component} "
-                          "(the vocoder's convolutions take quantize_static)")
-    gate_cfg = ctx.gate(parent.component, PRECISION)
-    source = ctx.source(parent.component)
-    module = registry.load_torch_artifact(ctx.bundle_dir / source.file, source.model)
-    specs = registry.graph_specs(module, source.model)
+    specs = ctx.component.reference_specs()
     if graph not in specs:
         raise ConfigError(f"{parent.component} has no graph '{graph}' (has {sorted(specs)})")
-    gate = component_gate(parent.component, graph, specs, ctx, qc, gate_cfg)
+    judge = ctx.component.search_judge(graph, PRECISION, qc.search_margin)
     if parent.format == "onnx":
         flavour: OrtFlavour | TorchFlavour = OrtFlavour(parent, ctx, qc)
     elif parent.format == "torch":
+        module = registry.load_torch_artifact(ctx.bundle_dir / parent.file, parent.model)
         flavour = TorchFlavour(parent, module, specs[graph], graph, ctx)
     else:
         raise ConfigError(f"quantize_dynamic takes an onnx or torch parent, got {parent.format}")
-    run_fp32 = flavour.run_parent or gate.torch_runner
 
     def evaluate(nodes: list[str]) -> search.Trial:
-        figures, failures = gate.evaluate(run_fp32, flavour.runner(nodes), "calib", qc.search_margin)
+        figures, failures = judge.evaluate(flavour.runner(nodes))
         return search.Trial(tuple(nodes), figures, failures)
 
     def ranking() -> list[tuple[str, float]]:
-        errors = {node: gate.error(evaluate([node]).figures) for node in flavour.candidates}
-        return search.rank(errors, flavour.macs(gate.steps), qc.rank_by)
+        errors = {node: judge.error(evaluate([node]).figures) for node in flavour.candidates}
+        return search.rank(errors, flavour.macs(judge.steps), qc.rank_by)
 
     with flavour:  # trial artifacts live in a temporary directory until the chosen one is written
         result = search.search(flavour.candidates, ranking, evaluate, qc.search, qc.search_max_trials)
-        result.macs = flavour.macs(gate.steps)
+        result.macs = flavour.macs(judge.steps)
         if not result.quantized:
-            fail(flavour.out.name, ["no layer can be quantized within the gate on calibration inputs"],
-                 {"search": result.describe(gate.error_name)}, [])
+            raise GateError(flavour.out.name, ["no layer can be quantized within the gate on calibration inputs"],
+                            {"search": result.describe(judge.error_name)})
         flavour.write(result.quantized)
     try:
         _check_really_quantized(flavour, result)
-        run_q, ops = flavour.load(result.quantized)
-        figures, failures = gate.evaluate(run_fp32, run_q, "eval", 1.0)
-        if qdq.integer_op_total(ops["runtime"]) == 0:
-            failures.append(f"INT8 silently stayed float: no integer operator runs ({ops})")
-        speed: dict[str, Any] = {"measured": False, "why": "quality gate failed"}
-        if not failures:
-            speed = gate.speed(flavour.run_parent, run_q, ctx.timing_repeats)
-            ratio = speed.get("speedup_vs_parent", speed["speedup_vs_torch_fp32"])
-            if gate_cfg.get("require_speedup") and ratio <= 1.0:
-                failures.append(f"not faster than its parent: {ratio:.2f}x (gate require_speedup)")
-        if failures:
-            fail(flavour.out.name, failures, {"quality": figures, "speed": speed, "integer_ops": ops}, [flavour.out])
+        ops = flavour.integer_ops(result.quantized)
     except BaseException:
         flavour.out.unlink(missing_ok=True)
         raise
-    log.info("%s: %d of %d layers INT8 (float: %s); %s", flavour.out.name, len(result.quantized),
-             len(flavour.candidates), ", ".join(result.float_nodes) or "none", gate.headline(figures))
+    log.info("%s: %d of %d layers INT8 (float: %s)", flavour.out.name, len(result.quantized),
+             len(flavour.candidates), ", ".join(result.float_nodes) or "none")
     ins, outs = flavour.io(specs[graph])
-    record = Record(
+    draft = Record(
         component=parent.component, graph=graph, format=parent.format, precision=PRECISION,
-        file=flavour.out.name, sha256=sha256_file(flavour.out), weights=parent.weights, stage="quantize-dynamic",
+        file=flavour.out.name, sha256="", weights=parent.weights, stage="quantize-dynamic",
         inputs=ins, outputs=outs, parent=parent.file, parent_sha256=parent.sha256,
         model=flavour.model(result.quantized), contract=parent.contract,
         config={**qc.to_dict(), "graph": graph, "engine": flavour.engine},
-        parity={"reference": f"FP32 {parent.format} on held-out inputs", **gate.parity(figures),
-                "integer_ops": ops, "quantized_nodes": sorted(result.quantized),
-                "float_nodes": result.float_nodes, "search": result.describe(gate.error_name), **flavour.extra},
-        quality={**figures, "passed": True}, speed=speed, tools=tool_versions(), created=now_iso(),
+        parity={"reference": "PyTorch FP32 original on held-out inputs", "integer_ops": ops,
+                "quantized_nodes": sorted(result.quantized), "float_nodes": result.float_nodes,
+                "search": result.describe(judge.error_name), **flavour.extra},
     )
-    write_record(record, ctx.bundle_dir)
-    return record
+    return Candidate([draft], {"integer_ops": ops, "search": draft.parity["search"]})
 
 
 def _check_really_quantized(flavour: OrtFlavour | TorchFlavour, result: search.SearchResult) -> None:
@@ -133,10 +115,9 @@ class OrtFlavour:
 
     engine = "onnxruntime"
 
-    def __init__(self, parent: Record, ctx: StageContext, qc: QuantizeConfig) -> None:
+    def __init__(self, parent: Record, ctx: PassContext, qc: QuantizeConfig) -> None:
         self.parent, self.ctx, self.qc = parent, ctx, qc
         self.out = ctx.bundle_dir / artifact_name(parent.file, "int8_dynamic")
-        self.run_parent: Runner | None = ort_runner(ctx.bundle_dir / parent.file, ctx.threads)
         self._tmp = tempfile.TemporaryDirectory(prefix="voxport-dyn-")
         # ORT's recommended pre-processing; node names are read from its result.
         self.src = qdq.preprocess(ctx.bundle_dir / parent.file, Path(self._tmp.name) / "pre.onnx")
@@ -181,8 +162,8 @@ class OrtFlavour:
     def write(self, nodes: list[str]) -> None:
         self._quantize(nodes, self.out)
 
-    def load(self, nodes: list[str]) -> tuple[Runner, dict[str, dict[str, int]]]:
-        return ort_runner(self.out, self.ctx.threads), qdq.integer_summary(self.out)
+    def integer_ops(self, nodes: list[str]) -> dict[str, dict[str, int]]:
+        return qdq.integer_summary(self.out)
 
     def model(self, nodes: list[str]) -> dict[str, Any]:
         return self.parent.model
@@ -196,14 +177,13 @@ class TorchFlavour:
 
     engine = "torch"
 
-    def __init__(self, parent: Record, module: torch.nn.Module, spec: Any, graph: str, ctx: StageContext) -> None:
+    def __init__(self, parent: Record, module: torch.nn.Module, spec: Any, graph: str, ctx: PassContext) -> None:
         self.parent, self.fp32, self.graph = parent, module, graph
-        stem = parent.component if graph == parent.component else f"{parent.component}_{graph}"
-        self.out = ctx.bundle_dir / f"{stem}_int8_dynamic.pt"
-        self.run_parent: Runner | None = None  # the parent IS the PyTorch FP32 reference
-        # The decoder step's layers live under `decoder`; the encoder is one graph.
-        self.scope = "decoder" if parent.component == "synthesizer" else ""
-        self.split = parent.component == "speaker_encoder"
+        self.out = ctx.bundle_dir / f"{spec.artifact_stem}_int8_dynamic.pt"
+        # The graph's layers live under one submodule (the decoder step's under `decoder`); a
+        # multi-layer nn.LSTM is split so that each layer can be chosen on its own.
+        self.scope = ctx.component.torch_scope(graph)
+        self.split = torch_dynamic.has_multilayer_lstm(module)
         self._probe = torch_dynamic.split_lstms(copy.deepcopy(module)) if self.split else module
         self.candidates = torch_dynamic.candidates(self._probe, self.scope)
         self.extra: dict[str, Any] = {}
@@ -228,11 +208,10 @@ class TorchFlavour:
     def write(self, nodes: list[str]) -> None:
         registry.save_torch_artifact(self.fp32, self.out)
 
-    def load(self, nodes: list[str]) -> tuple[Runner, dict[str, dict[str, int]]]:
+    def integer_ops(self, nodes: list[str]) -> dict[str, dict[str, int]]:
         """Rebuild exactly as the runtime will (file + recipe) and count the INT8 modules."""
         module = registry.load_torch_artifact(self.out, self.model(nodes))
-        counts = torch_dynamic.count_quantized(module)
-        return self._runner(module), {"runtime": counts, "file": {}}
+        return {"runtime": torch_dynamic.count_quantized(module), "file": {}}
 
     def model(self, nodes: list[str]) -> dict[str, Any]:
         return {**self.parent.model, "dynamic_int8": torch_dynamic.recipe(nodes, self.split)}

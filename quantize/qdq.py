@@ -23,6 +23,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
 from voxport.quantize.config import QuantizeConfig
+from voxport.runtime.backends.onnxruntime import SessionSettings, open_session
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +141,10 @@ def op_counts(model: onnx.ModelProto | Path) -> dict[str, int]:
 def runtime_op_counts(path: Path) -> dict[str, int]:
     """Operator counts of the graph ONNX Runtime executes (extended optimizations: QDQ fusions,
     no hardware-specific layout), i.e. whether Q/DQ pairs became integer kernels."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="voxport-ortopt-") as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        return op_counts(load_graph(Path(opts.optimized_model_filepath)))
+        optimized = Path(tmp) / "optimized.onnx"
+        open_session(path, settings=SessionSettings(graph_optimization="extended"), optimized_model_filepath=optimized)
+        return op_counts(load_graph(optimized))
 
 
 def integer_summary(path: Path) -> dict[str, dict[str, int]]:

@@ -116,3 +116,8 @@ def module_macs(module: nn.Module, names: Sequence[str], steps: int = 1) -> dict
         out[name] = size * (steps if isinstance(layer, (nn.LSTM, nn.GRU)) else 1)
     return out
 
+
+
+def has_multilayer_lstm(module: nn.Module) -> bool:
+    """Whether `module` holds a multi-layer nn.LSTM (whose layers `split_lstms` separates)."""
+    return any(isinstance(m, nn.LSTM) and m.num_layers > 1 for m in module.modules())

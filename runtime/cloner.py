@@ -4,6 +4,9 @@ reference audio -> encoder front end -> embedding; text -> fragments -> symbol i
 synthesizer host loop (encoder graph once, decoder-step graph per step, stop rule, postnet) ->
 vocoder -> waveform. Every graph is served by a backend chosen from the bundle's records; which
 one serves, and why, is logged and available from `served`.
+
+Imports no torch: only opening a torch artifact (runtime/backends/torch.py) loads it. Prenet dropout
+masks are drawn with `NumpyMasks(seed)`, one source per call shared by its fragments.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from voxport.errors import AudioError, ConfigError
-from voxport.models import speaker_encoder as se
+from voxport.models import speaker_frontend as se
 from voxport.models import text as text_frontend
 from voxport.models.audio import MelConfig
-from voxport.models.synthesizer import SynthesizerConfig
+from voxport.models.prenet_masks import NumpyMasks
+from voxport.models.synthesizer_config import SynthesizerConfig
 from voxport.pipeline.records import Record, read_bundle
 from voxport.runtime import streaming
 from voxport.runtime.backends import Backend, open_first
@@ -54,9 +57,11 @@ class Served:
     sha256: str
     providers: tuple[str, ...]
     reason: str
+    session: dict[str, Any] | None = None  # ONNX Runtime: the SessionSettings really used (to_dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "providers": list(self.providers)}
+        return {**self.__dict__, "providers": list(self.providers),
+                "session": dict(self.session) if self.session is not None else None}
 
 
 def open_graph(
@@ -67,15 +72,19 @@ def open_graph(
 
     Choices are tried in order: one that fails to load (sha256 changed, ONNX Runtime fell back
     from CUDA, engine refused) gives way to the next, and the reason says so; `strict` does not.
+    `threads` > 0 pins ONNX Runtime's intra-op threads; 0 keeps what the artifact's record says.
     """
     host = host or detect()
     choices = ranked(records, component, graph, host, preference, strict=strict)
     backend, choice, reason = open_first(choices, bundle_dir, graph, host, threads, strict)
     record = choice.record
+    # ONNX Runtime: the session settings really used (recorded by the build, `threads` pinned over them).
+    settings = getattr(backend, "settings", None)
+    session = settings.to_dict() if settings is not None else None
     served = Served(f"{component}/{graph}", record.file, record.format, record.precision,
-                    record.weights, record.sha256, tuple(backend.providers), reason)
-    log.info("%s served by %s (%s %s) on %s: %s", served.key, record.file, record.format,
-             record.precision, backend.providers, reason)
+                    record.weights, record.sha256, tuple(backend.providers), reason, session)
+    log.info("%s served by %s (%s %s) on %s%s: %s", served.key, record.file, record.format, record.precision,
+             backend.providers, f" with session {session}" if session is not None else "", reason)
     return backend, served
 
 
@@ -88,8 +97,8 @@ class VocoderOnly:
         self._backend, self.served = open_graph(
             records, Path(bundle_dir), "vocoder", "vocoder", preference, strict, threads, host
         )
-        source = next(r for r in records if r.component == "vocoder" and r.stage == "source")
-        self.mel_cfg = MelConfig.from_dict(source.contract["mel"])
+        served = next(r for r in records if r.file == self.served.file)  # its contract: the mel it takes
+        self.mel_cfg = MelConfig.from_dict(served.contract["mel"])
         self.sample_rate = self.mel_cfg.sample_rate
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
@@ -127,8 +136,7 @@ class VoiceCloner:
         processed = se.preprocess_wav(np.asarray(wav, dtype=np.float32), sample_rate, self.encoder_cfg)
         mels = se.partial_mels(processed, self.encoder_cfg).astype(np.float32)
         partials = self._backends["speaker_encoder/speaker_encoder"].infer({"mels": mels})["embeddings"]
-        mean = partials.mean(axis=0)
-        return (mean / np.linalg.norm(mean)).astype(np.float32)
+        return se.mean_embedding(partials)
 
     def _check_embedding(self, embedding: np.ndarray) -> np.ndarray:
         embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -152,7 +160,7 @@ class VoiceCloner:
         fragments = text_frontend.encode_text(text, self.synth_cfg.n_symbols)
         cfg = self.synth_cfg if min_stop_token is None else dataclasses.replace(
             self.synth_cfg, min_stop_token=float(min_stop_token))
-        generator = torch.Generator().manual_seed(seed)
+        masks = NumpyMasks(seed)
         decoder_step = self._backends["synthesizer/decoder_step"].infer
         if should_stop is not None:
             run_step = decoder_step
@@ -168,7 +176,7 @@ class VoiceCloner:
                 self._backends["synthesizer/encoder"].infer, decoder_step,
                 self._backends["synthesizer/postnet"].infer,
                 np.asarray([ids], dtype=np.int64), embedding[None], np.asarray([style_idx], dtype=np.int64),
-                generator, cfg, max_decoder_steps=max_decoder_steps,
+                masks, cfg, max_decoder_steps=max_decoder_steps,
             )
             mels.append(result.trimmed()[0])
         return np.concatenate(mels, axis=1)
@@ -189,7 +197,7 @@ class VoiceCloner:
         embedding = self._check_embedding(embedding)
         fragments = text_frontend.encode_text(text, self.synth_cfg.n_symbols)
         scfg = stream_cfg or streaming.StreamConfig()
-        generator = torch.Generator().manual_seed(seed)
+        masks = NumpyMasks(seed)  # the same draws as `synthesize` with this seed
         steps = max_decoder_steps or self.synth_cfg.max_decoder_steps
         stop = self.synth_cfg.min_stop_token if min_stop_token is None else float(min_stop_token)
         resampler = TimeResampler(rate)
@@ -199,7 +207,7 @@ class VoiceCloner:
             for ids in fragments:
                 frames = streaming.decoder_frames(
                     self._backends["synthesizer/encoder"].infer, self._backends["synthesizer/decoder_step"].infer,
-                    ids, embedding, style_idx, generator, self.synth_cfg, steps, stop, should_stop)
+                    ids, embedding, style_idx, masks, self.synth_cfg, steps, stop, should_stop)
                 for mel in streaming.postnet_frames(frames, self._backends["synthesizer/postnet"].infer,
                                                     self.synth_cfg.stop_threshold, scfg):
                     yield shift_pitch(resampler.push(mel), pitch_semitones, self.mel_cfg)

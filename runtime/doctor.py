@@ -38,11 +38,13 @@ def host_lines(host: Host) -> list[str]:
     ]
 
 
-def report(bundle_dir: Path, preference: Sequence[str] = DEFAULT_PREFERENCE, host: Host | None = None) -> str:
-    """Host description, then per graph the artifact that would serve it, why, and what else could."""
+def report(bundle_dir: Path, preference: Sequence[str] = DEFAULT_PREFERENCE, host: Host | None = None,
+           strict: bool = False) -> str:
+    """Host description, then per graph the artifact that would serve it, why, and what else could
+    (`voxport doctor` passes the composed config's target.preference / target.strict)."""
     host = host or detect()
     lines = host_lines(host)
-    lines.append(f"bundle: {bundle_dir} (preference: {' > '.join(preference)})")
+    lines.append(f"bundle: {bundle_dir} (preference: {' > '.join(preference)}{', strict' if strict else ''})")
     try:
         records = read_bundle(Path(bundle_dir))
     except VoxportError as exc:
@@ -50,7 +52,7 @@ def report(bundle_dir: Path, preference: Sequence[str] = DEFAULT_PREFERENCE, hos
         return "\n".join(lines)
     for component, graph in GRAPHS:
         try:
-            choices = ranked(records, component, graph, host, preference)
+            choices = ranked(records, component, graph, host, preference, strict)
         except VoxportError as exc:
             lines.append(f"  {component}/{graph}: unavailable: {exc}")
             continue

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import platform
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +65,6 @@ class Host:
         return f"{self.cpu_model} x{self.cores}; {gpu}; CUDA {self.cuda_version or '-'}; {trt}"
 
 
-FINGERPRINT_KEYS = ("gpu", "compute_capability", "tensorrt", "cuda", "driver")
 
 
 def _numbers(version: str) -> tuple[int, ...]:
@@ -147,14 +147,39 @@ def _tensorrt() -> tuple[str | None, str | None]:
     return str(tensorrt.__version__), None
 
 
-def detect() -> Host:
-    """Probe this machine (cheap: no engine is built, no GPU memory is touched beyond a query)."""
-    import onnxruntime as ort
+# Present wherever an NVIDIA driver is: Linux hosts and GPU containers, WSL2 (/dev/dxg), Jetson.
+_NVIDIA_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg",
+                        "/dev/nvhost-ctrl-gpu")
+
+
+def _cuda_probe() -> Any:
+    """The torch module to ask about CUDA, or None where CUDA cannot be there.
+
+    Importing torch costs seconds and hundreds of MB, and a process serving ONNX Runtime artifacts
+    otherwise never loads it; so without an NVIDIA driver on the machine (nothing for CUDA to run
+    on) the answer is "no CUDA" without torch. Where a driver is present torch still probes:
+    its CUDA runtime version is part of the fingerprint TensorRT engines were built against, and
+    the TensorRT backend allocates through torch anyway. Already imported, it is simply asked.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch
+    if not any(os.path.exists(p) for p in _NVIDIA_DRIVER_PATHS) or importlib.util.find_spec("torch") is None:
+        return None
     import torch
+
+    return torch
+
+
+def detect() -> Host:
+    """Probe this machine (cheap: no engine is built, no GPU memory is touched beyond a query;
+    torch is imported only where an NVIDIA driver is present, see `_cuda_probe`)."""
+    import onnxruntime as ort
 
     model, flags = _cpuinfo()
     gpus: list[dict[str, Any]] = []
-    cuda = bool(torch.cuda.is_available())
+    torch = _cuda_probe()
+    cuda = torch is not None and bool(torch.cuda.is_available())
     if cuda:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
@@ -196,16 +221,14 @@ def missing_requirements(requires: Iterable[str], host: Host) -> list[str]:
     return missing
 
 
-# Stage kinds that cannot run at all without some host capability.
-STAGE_REQUIREMENTS = {"tensorrt": ("cuda", "tensorrt")}
-
-
-def require_target(target: Mapping[str, Any], host: Host | None = None, stages: Iterable[str] = ()) -> None:
-    """Refuse, in one line and before any work, a build target (or planned stage kinds) this host
-    cannot serve."""
+def require_target(target: Mapping[str, Any], host: Host | None = None,
+                   stages: Mapping[str, Iterable[str]] | None = None) -> None:
+    """Refuse, in one line and before any work, a build target (or planned stage kinds, each with
+    the host capabilities it requires: pipeline/passes.py) this host cannot serve."""
     own = set(target.get("requires") or [])
-    kinds = sorted({k for k in stages if not set(STAGE_REQUIREMENTS.get(k, ())) <= own})  # beyond the target's
-    needed = [*(target.get("requires") or []), *(r for k in kinds for r in STAGE_REQUIREMENTS[k])]
+    needs = {kind: tuple(req) for kind, req in (stages or {}).items()}
+    kinds = sorted(k for k, req in needs.items() if not set(req) <= own)  # beyond the target's
+    needed = [*(target.get("requires") or []), *(r for k in kinds for r in needs[k])]
     requires = list(dict.fromkeys(needed))  # in order, once each
     if not requires:
         return

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from voxport.errors import BackendUnavailable
+from voxport.errors import BackendUnavailable, ConfigError
 from voxport.pipeline.records import Record, parent_speedups
+from voxport.pipeline.schema import build
 from voxport.runtime.host import Host, fingerprint_mismatches
 
 TIERS = ("trt", "onnx-cuda", "cpu", "onnx", "torch")
@@ -27,6 +29,34 @@ CPU_PROVIDERS = ("CPUExecutionProvider",)
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 # ONNX precisions worth running on ONNX Runtime CUDA, best first (its INT8 kernels are CPU-oriented).
 _CUDA_PRECISIONS = ("fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The `target:` node (conf/target/*.yaml): what the build must find on the host, and what every
+    command that selects artifacts (serve, bench, clone, vocode, doctor) prefers."""
+
+    name: str = "cpu"
+    requires: tuple[str, ...] = ()  # host capabilities the build checks first (runtime/host.py)
+    preference: tuple[str, ...] = ("cpu", "torch")  # tiers in order, as conf/target/cpu.yaml
+    threads: int = 0  # build: threads the stages time with; clone/vocode: intra-op threads (0: engine default)
+    strict: bool = False  # refuse any fallback from the first preference
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "requires", tuple(str(r) for r in self.requires or ()))
+        object.__setattr__(self, "preference", tuple(str(p) for p in self.preference or ()))
+        unknown = [p for p in self.preference if p not in TIERS]
+        if unknown or not self.preference:
+            raise ConfigError(f"target.preference must name tiers of {', '.join(TIERS)}, got {list(self.preference)}")
+        if not isinstance(self.strict, bool):  # a string such as "maybe" would read as true
+            raise ConfigError(f"target.strict must be true or false, got {self.strict!r}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"target.threads must be an integer >= 0, got {self.threads!r}")
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> TargetConfig:
+        """From the composed `target` node (or any mapping); an unknown key is a one-line ConfigError."""
+        return build(cls, node, "target")
 
 
 @dataclass(frozen=True)

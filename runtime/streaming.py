@@ -1,7 +1,7 @@
 """Streaming synthesis: audio chunks as soon as the decoder has produced enough frames.
 
 The host loop runs step by step (`decoder_frames`, the same encoder/decoder-step calls, prenet
-mask order and stop rule as `models.synthesizer_loop.run_host_loop`, so its frames are identical).
+mask order and stop rule as `runtime.synthesizer_loop.run_host_loop`, so its frames are identical).
 Two stages are not causal and get a window instead of the whole utterance:
 
 - The postnet (a CBHG ending in a bidirectional GRU) runs on windows of `chunk_frames` new frames
@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from voxport.errors import Cancelled, ConfigError
-from voxport.models.synthesizer import SynthesizerConfig
-from voxport.models.synthesizer_graphs import STATE_NAMES, initial_decoder_state
-from voxport.runtime.synthesizer_loop import Runner, draw_decoder_masks, draw_encoder_masks
+from voxport.models.prenet_masks import MaskSource, as_mask_source
+from voxport.models.synthesizer_config import SynthesizerConfig
+from voxport.models.synthesizer_io import STATE_NAMES, zero_decoder_state
+from voxport.runtime.synthesizer_loop import Runner
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +49,26 @@ class StreamConfig:
 
 def decoder_frames(
     run_encoder: Runner, run_decoder_step: Runner, ids: list[int], embedding: np.ndarray,
-    style_idx: int, generator: torch.Generator, cfg: SynthesizerConfig, max_steps: int,
+    style_idx: int, masks: MaskSource, cfg: SynthesizerConfig, max_steps: int,
     min_stop_token: float, should_stop: StopCheck | None = None,
 ) -> Iterator[np.ndarray]:
-    """One fragment, batch 1: yield the decoder's (n_mels, r) frames step by step."""
+    """One fragment, batch 1: yield the decoder's (n_mels, r) frames step by step. `masks` is
+    drawn as run_host_loop draws it: give both the same kind of source and seed to compare them."""
+    masks = as_mask_source(masks)
     chars = np.asarray([ids], dtype=np.int64)
     n_text = chars.shape[1]
     encoded = run_encoder({
         "chars": chars, "speaker_embedding": np.asarray(embedding, dtype=np.float32).reshape(1, -1),
         "style_idx": np.asarray([style_idx], dtype=np.int64),
-        "encoder_masks": draw_encoder_masks(generator, 1, n_text, cfg).numpy()})
-    state = {k: v.numpy() for k, v in initial_decoder_state(1, n_text, cfg).items()}
+        "encoder_masks": masks.encoder(1, n_text, cfg)})
+    state = zero_decoder_state(1, n_text, cfg)
     prev_frame = np.zeros((1, cfg.n_mels), dtype=np.float32)
     stop_level = np.float32(min_stop_token * 10.0)
     for step in range(max_steps):
         if should_stop is not None and should_stop():
             raise Cancelled("synthesis cancelled")
         out = run_decoder_step({
-            "prev_frame": prev_frame, "decoder_masks": draw_decoder_masks(generator, 1, cfg).numpy(),
+            "prev_frame": prev_frame, "decoder_masks": masks.decoder(1, cfg),
             **state, "encoder_seq": encoded["encoder_seq"],
             "encoder_seq_proj": encoded["encoder_seq_proj"], "chars": chars})
         mel_frames = out["mel_frames"]  # (1, n_mels, r)

@@ -1,71 +1,54 @@
 """The synthesizer host loop: encoder once, decoder step until the stop rule, postnet, trim.
 
 Written over three callables that take and return dicts of numpy arrays keyed by tensor name, so
-the very same loop drives the PyTorch graphs (`generate`) and ONNX Runtime / TensorRT sessions.
+the very same loop drives the PyTorch graphs (`models.synthesizer_reference.generate`) and ONNX
+Runtime / TensorRT sessions. Imports no torch: serving exported artifacts never loads it.
 Stop rule and trimming follow MockingBird (models.md §2.5): stop once every batch item's stop
 probability exceeds `min_stop_token` and the step starts after frame 10 (t = step·r > 10); then
 drop trailing frames of each item whose max over the mel bins is below `stop_threshold`.
 
-Prenet dropout masks come from a seeded torch.Generator in a fixed order (encoder masks, then one
-draw per decoder step), so a seed reproduces a run exactly on every backend.
+Prenet dropout masks come from a `MaskSource` (models/prenet_masks.py) in a fixed order (encoder
+masks, then one draw per decoder step), so a seeded source reproduces a run exactly on every
+backend. The runtime draws `NumpyMasks`; goldens against MockingBird's PyTorch code draw
+`TorchMasks`. Both sides of a comparison must get sources of the same kind and seed.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
 from voxport.errors import ConfigError
-from voxport.models.graph import GraphSpec
-from voxport.models.synthesizer import SynthesizerConfig, Tacotron
-from voxport.models.synthesizer_graphs import (
-    DECODER_INPUTS,
-    DECODER_OUTPUTS,
-    ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
-    POSTNET_INPUTS,
-    POSTNET_OUTPUTS,
-    STATE_NAMES,
-    DecoderStepGraph,
-    EncoderGraph,
-    PostnetGraph,
-    initial_decoder_state,
-)
+from voxport.models.prenet_masks import MaskSource, as_mask_source
+from voxport.models.synthesizer_config import SynthesizerConfig
+from voxport.models.synthesizer_io import STATE_NAMES, zero_decoder_state
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
-
-def _dropout_masks(generator: torch.Generator, shape: tuple[int, ...], p: float) -> torch.Tensor:
-    # rand >= p keeps with probability 1 − p and kept units are scaled by 1/(1 − p), as F.dropout.
-    keep = torch.rand(shape, generator=generator) >= p
-    return keep.to(torch.float32) / (1.0 - p)
-
-
-def draw_encoder_masks(generator: torch.Generator, batch: int, n_text: int,
-                       cfg: SynthesizerConfig) -> torch.Tensor:
-    """Masks for the text-encoder prenet, (2, batch, n_text, encoder prenet width)."""
-    return _dropout_masks(generator, (2, batch, n_text, cfg.prenet_dims[0]), cfg.prenet_dropout)
-
-
-def draw_decoder_masks(generator: torch.Generator, batch: int, cfg: SynthesizerConfig) -> torch.Tensor:
-    """Masks for one decoder step's prenet, (2, batch, decoder prenet width)."""
-    return _dropout_masks(generator, (2, batch, cfg.prenet_dims[1]), cfg.prenet_dropout)
+# PyTorch helpers that used to live here, still importable from here but loaded (with torch) only
+# when asked for: the torch mask draws and the reference synthesis.
+_TORCH_NAMES = {
+    "draw_encoder_masks": "voxport.models.prenet_masks_torch",
+    "draw_decoder_masks": "voxport.models.prenet_masks_torch",
+    "draw_prenet_masks": "voxport.models.prenet_masks_torch",
+    "TorchMasks": "voxport.models.prenet_masks_torch",
+    "module_runner": "voxport.models.synthesizer_reference",
+    "torch_runner": "voxport.models.synthesizer_reference",
+    "generate": "voxport.models.synthesizer_reference",
+}
 
 
-def draw_prenet_masks(generator: torch.Generator, batch: int, n_text: int, n_steps: int,
-                      cfg: SynthesizerConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(encoder_masks (2, B, T_text, 256), decoder_masks (n_steps, 2, B, 256)), drawn in the same
-    order as the host loop draws them, so both see identical masks from identically seeded generators."""
-    cfg = cfg or SynthesizerConfig()
-    encoder = draw_encoder_masks(generator, batch, n_text, cfg)
-    decoder = torch.stack([draw_decoder_masks(generator, batch, cfg) for _ in range(n_steps)])
-    return encoder, decoder
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_NAMES:
+        return getattr(importlib.import_module(_TORCH_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -93,11 +76,13 @@ def trim_lengths(mel: np.ndarray, threshold: float) -> tuple[int, ...]:
 
 
 def run_host_loop(run_encoder: Runner, run_decoder_step: Runner, run_postnet: Runner, chars: np.ndarray,
-                  speaker_embedding: np.ndarray, style_idx: int | np.ndarray, masks_rng: torch.Generator,
+                  speaker_embedding: np.ndarray, style_idx: int | np.ndarray, masks: MaskSource,
                   cfg: SynthesizerConfig, max_decoder_steps: int | None = None,
                   stop_on_token: bool = True) -> SynthesisResult:
     """Synthesize a batch. chars (B, T_text) int64 padded with 0, each row ending in EOS;
-    speaker_embedding (B, 256) float32; style_idx an int or (B,) ints (−1: style from speaker)."""
+    speaker_embedding (B, 256) float32; style_idx an int or (B,) ints (−1: style from speaker);
+    masks: where the prenet dropout masks come from (a torch.Generator is taken as TorchMasks)."""
+    masks = as_mask_source(masks)
     chars = np.ascontiguousarray(chars, dtype=np.int64)
     speaker_embedding = np.ascontiguousarray(speaker_embedding, dtype=np.float32)
     if chars.ndim != 2 or chars.shape[1] == 0:
@@ -110,15 +95,15 @@ def run_host_loop(run_encoder: Runner, run_decoder_step: Runner, run_postnet: Ru
     steps_cap = max_decoder_steps or cfg.max_decoder_steps
 
     encoded = run_encoder({"chars": chars, "speaker_embedding": speaker_embedding, "style_idx": style,
-                           "encoder_masks": draw_encoder_masks(masks_rng, batch, n_text, cfg).numpy()})
-    state = {k: v.numpy() for k, v in initial_decoder_state(batch, n_text, cfg).items()}
+                           "encoder_masks": masks.encoder(batch, n_text, cfg)})
+    state = zero_decoder_state(batch, n_text, cfg)
     prev_frame = np.zeros((batch, cfg.n_mels), dtype=np.float32)
     frames, stops, alignments = [], [], []
     stop_level = np.float32(cfg.min_stop_token * 10.0)
     stopped = False
     for step in range(steps_cap):
         out = run_decoder_step({
-            "prev_frame": prev_frame, "decoder_masks": draw_decoder_masks(masks_rng, batch, cfg).numpy(),
+            "prev_frame": prev_frame, "decoder_masks": masks.decoder(batch, cfg),
             **state, "encoder_seq": encoded["encoder_seq"],
             "encoder_seq_proj": encoded["encoder_seq_proj"], "chars": chars})
         mel_frames = out["mel_frames"]  # (B, n_mels, r)
@@ -140,33 +125,3 @@ def run_host_loop(run_encoder: Runner, run_decoder_step: Runner, run_postnet: Ru
     return SynthesisResult(mel=mel, decoder_mel=decoder_mel, stops=np.stack(stops),
                            alignments=np.stack(alignments), lengths=lengths, n_steps=len(frames),
                            stopped=stopped)
-
-
-def module_runner(module: torch.nn.Module, input_names: tuple[str, ...],
-                  output_names: tuple[str, ...]) -> Runner:
-    """Wrap a graph module as a numpy-dict → numpy-dict callable (the PyTorch 'backend')."""
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            outputs = module(*(torch.from_numpy(np.asarray(feeds[n])) for n in input_names))
-        return {name: out.numpy() for name, out in zip(output_names, outputs, strict=True)}
-
-    return run
-
-
-def torch_runner(spec: GraphSpec) -> Runner:
-    return module_runner(spec.module, spec.input_names, spec.output_names)
-
-
-def generate(model: Tacotron, chars: torch.Tensor | np.ndarray, speaker_embedding: torch.Tensor | np.ndarray,
-             style_idx: int | np.ndarray, generator: torch.Generator, cfg: SynthesizerConfig,
-             max_decoder_steps: int | None = None, stop_on_token: bool = True) -> SynthesisResult:
-    """Reference synthesis in PyTorch: `run_host_loop` over this model's three graph modules."""
-    model.eval()
-    encoder = module_runner(EncoderGraph(model), ENCODER_INPUTS, ENCODER_OUTPUTS)
-    decoder = module_runner(DecoderStepGraph(model), DECODER_INPUTS, DECODER_OUTPUTS)
-    postnet = module_runner(PostnetGraph(model), POSTNET_INPUTS, POSTNET_OUTPUTS)
-    chars_np, speaker_np = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-                            for x in (chars, speaker_embedding))
-    return run_host_loop(encoder, decoder, postnet, chars_np, speaker_np, style_idx, generator, cfg,
-                         max_decoder_steps=max_decoder_steps, stop_on_token=stop_on_token)

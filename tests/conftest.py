@@ -22,6 +22,21 @@ def compose_config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_session():
+    """PyTorch intra-op threads pinned to 1 for the test session, restored afterwards.
+
+    On this 2-core host, with anything else running, PyTorch's OpenMP workers spin against each other
+    and the other processes: `pytest -m "not slow"` took 408 s with 2 threads and 123 s with 1 under the
+    same load (LSTM and conv tests 5-10x slower each). Tests of thread handling set their own counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def corpus() -> Corpus:
     return load_corpus(build_corpus())
@@ -38,3 +53,27 @@ def bundle(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "validation.max_clip_seconds=1.5", "validation.synthesizer_steps=12",
     )
     return build_bundle(cfg).path
+
+
+def stage_context(bundle_dir: Path, corpus: Corpus, records: list, gates: dict, **settings):
+    """A BuildContext over a private bundle directory, as the engine makes one for a build; short
+    inputs for tests: any `validation` setting (e.g. `gate_seconds`, `vocoder_clips`, `texts`),
+    `timing_seconds`, `timing_repeats`."""
+    import dataclasses
+
+    from voxport.evaluate.components import ValidationConfig
+    from voxport.pipeline.engine import BuildContext, TimingConfig
+
+    fields = {f.name for f in dataclasses.fields(ValidationConfig)}
+    validation = ValidationConfig.from_dict({k: settings.pop(k) for k in list(settings) if k in fields})
+    timing = TimingConfig(repeats=settings.pop("timing_repeats", 1), seconds=settings.pop("timing_seconds", 1.0))
+    return BuildContext(bundle_dir=bundle_dir, corpus=corpus, records=records, gates=gates, validation=validation,
+                        timing=timing, **settings)
+
+
+def run_stage(ctx, kind: str, parent, settings: dict):
+    """One stage through the engine (transform, judge, time, record); its last record (the one a
+    stage of that kind is about: an INT8 artifact, a pruned model)."""
+    from voxport.pipeline.engine import run_stage as engine_run_stage
+
+    return engine_run_stage(ctx, kind, parent, settings, graph=settings.get("graph"))[-1]

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 
 from voxport.cli import main
+from voxport.runtime.doctor import GRAPHS
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,3 +78,55 @@ def test_build_log_drops_onnxruntime_quantizer_chatter_but_not_its_warnings() ->
     assert _drop_quantizer_chatter(record("root", logging.WARNING, ort_file))
     assert _drop_quantizer_chatter(record("root", logging.INFO, "/work/voxport/build.py"))
     assert _drop_quantizer_chatter(record("voxport.quantize.static", logging.INFO, "/x/voxport/quantize/static.py"))
+
+
+# ------------------------------------------------------- selection from the composed config's target
+
+
+def _doctor_graph_lines(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    assert main(["doctor", *argv]) == 0
+    lines = [x.strip() for x in capsys.readouterr().out.splitlines()]
+    graphs = [x for x in lines if x.split(":")[0] in {f"{c}/{g}" for c, g in GRAPHS}]
+    assert len(graphs) == len(GRAPHS)
+    return graphs
+
+
+def test_doctor_target_preference_override_serves_pytorch_everywhere(bundle: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    for line in _doctor_graph_lines(["--bundle", str(bundle), "target.preference=[torch]"], capsys):
+        assert "_fp32.pt (" in line and ", torch) <- PyTorch FP32 original" in line, line
+
+
+def test_doctor_defaults_to_the_cpu_targets_preference(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--bundle", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "(preference: cpu > torch)" in out  # conf/target/cpu.yaml
+    for line in _doctor_graph_lines(["--bundle", str(bundle)], capsys):
+        assert "_fp32.onnx (" in line and ", cpu) <- onnx fp32 on CPU" in line, line
+
+
+def test_prefer_flag_is_the_override_shortcut(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    by_flag = _doctor_graph_lines(["--bundle", str(bundle), "--prefer", "torch"], capsys)
+    assert by_flag == _doctor_graph_lines(["--bundle", str(bundle), "target.preference=[torch]"], capsys)
+    assert by_flag == _doctor_graph_lines(["target.preference=[onnx]", "--bundle", str(bundle), "--prefer", "torch"],
+                                          capsys)  # the flag wins, overrides and flags intermix
+    assert main(["doctor", "--bundle", str(bundle), "--strict", "target.preference=[trt,torch]"]) == 0
+    out = capsys.readouterr().out
+    assert "(preference: trt > torch, strict)" in out and "strict mode and first preference 'trt'" in out
+
+
+@pytest.mark.parametrize("command", ["doctor", "vocode", "clone"])
+@pytest.mark.parametrize(("override", "message"), [
+    ("target.bogus=1", "unknown config key 'target.bogus'"),
+    ("target=gpu", "Could not find 'target/gpu' (options: cpu, cuda, tensorrt)"),
+    ("+target.bogus=1", "target: unknown setting(s) bogus"),
+    ("target.preference=[gpu]", "target.preference must name tiers of"),
+])
+def test_a_bad_override_fails_in_one_line(command: str, override: str, message: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    flags = {"doctor": [], "vocode": ["--wav", "in.wav", "--out", str(tmp_path / "o.wav")],
+             "clone": ["--ref", "in.wav", "--text", "hi", "--out", str(tmp_path / "o.wav")]}[command]
+    assert main([command, *flags, override]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.startswith(f"voxport {command}: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.wav").exists()

@@ -7,12 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, run_stage, stage_context
 from onnx import TensorProto, helper
 
 from voxport.errors import ConfigError
 from voxport.export.fp16 import Fp16Config, precision_counts, prepare, to_fp16
 from voxport.export.ranges import RangeLimits, fp32_nodes, instrumented
+from voxport.runtime.backends.onnxruntime import SessionSettings, open_session
 
 LIMITS = RangeLimits()
 
@@ -28,12 +29,7 @@ def one_torch_thread():
 
 
 def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    return open_session(model.SerializeToString(), settings=SessionSettings(intra_op_threads=1))
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
@@ -199,7 +195,6 @@ def encoder_ctx(tmp_path_factory: pytest.TempPathFactory, corpus):
     from voxport.models.registry import graph_specs
     from voxport.models.stack import _speaker_encoder
     from voxport.pipeline.engine import write_source
-    from voxport.pipeline.passes import StageContext
     from voxport.pipeline.records import Record
 
     cfg = compose_config()
@@ -217,17 +212,16 @@ def encoder_ctx(tmp_path_factory: pytest.TempPathFactory, corpus):
     settings = {**OmegaConf.to_container(cfg.fp16, resolve=True), "calibration_clips": 2, "graph": "speaker_encoder"}
     # One ONNX Runtime thread: gating measures accuracy, and on a busy 2-core host thread hand-offs
     # per LSTM step cost more than they gain.
-    return StageContext(bundle_dir=bundle, corpus=corpus, records=records, threads=1,
-                        gates=OmegaConf.to_container(cfg.gates, resolve=True)), settings
+    return stage_context(bundle, corpus, records, OmegaConf.to_container(cfg.gates, resolve=True),
+                         threads=1), settings
 
 
 def test_fp16_stage_on_the_real_speaker_encoder(encoder_ctx) -> None:
-    from voxport.pipeline.passes import stage
     from voxport.pipeline.records import read_record
 
     ctx, settings = encoder_ctx
     parent = ctx.find("speaker_encoder", "speaker_encoder", "onnx")
-    record = stage("fp16")(parent, settings, ctx)
+    record = run_stage(ctx, "fp16", parent, settings)
     path = ctx.bundle_dir / record.file
     assert record.file == "speaker_encoder_fp16.onnx" and read_record(path) == record
     assert (record.precision, record.stage, record.parent) == ("fp16", "fp16", parent.file)
@@ -241,30 +235,33 @@ def test_fp16_stage_on_the_real_speaker_encoder(encoder_ctx) -> None:
     assert "overstate GPU FP16 accuracy" in record.parity["measured_on"]
     assert record.parity["torch_half_cpu"]["partial_cosine_min"] >= 0.9999
     path.unlink()  # the next test builds it again
+    ctx.records.remove(record)
 
 
 def test_fp16_stage_failing_its_gate_leaves_no_artifact(encoder_ctx, monkeypatch: pytest.MonkeyPatch) -> None:
     from voxport.errors import GateError
-    from voxport.export import fp16
-    from voxport.pipeline.passes import stage
+    from voxport.evaluate.components import SpeakerEncoder
 
     ctx, settings = encoder_ctx
     seen = {}
 
-    def failing_gate(parent, run_test, ctx_, gate, settings_, others=None):
+    def failing_gate(self, runners, precision):
         seen["file_during_gate"] = (ctx.bundle_dir / "speaker_encoder_fp16.onnx").is_file()
+        seen["judged"] = sorted(runners)
         return {"embedding_cosine_min": 0.42}, ["embedding cosine 0.4200 vs FP32 < 0.9999"]
 
-    monkeypatch.setattr(fp16, "gate_graph", failing_gate)
+    monkeypatch.setattr(SpeakerEncoder, "listen", failing_gate)
     before = sorted(p.name for p in ctx.bundle_dir.iterdir())
     with pytest.raises(GateError, match="speaker_encoder/speaker_encoder FP16: embedding cosine 0.4200") as err:
         parent = ctx.find("speaker_encoder", "speaker_encoder", "onnx")
-        stage("fp16")(parent, {**settings, "torch_half_seconds": 0}, ctx)
+        run_stage(ctx, "fp16", parent, {**settings, "torch_half_seconds": 0})
     assert seen["file_during_gate"], "the gate must judge the written artifact"
-    assert err.value.metrics == {"embedding_cosine_min": 0.42}  # every figure comes with the failure
+    assert seen["judged"] == ["speaker_encoder"]
+    assert err.value.metrics["quality"] == {"embedding_cosine_min": 0.42}  # every figure comes with the failure
     assert sorted(p.name for p in ctx.bundle_dir.iterdir()) == before, "a failed gate leaves no artifact"
 
 
+@pytest.mark.slow
 def test_real_hifigan_fp16_passes_full_check_and_stays_close(tmp_path: Path, corpus) -> None:
     from voxport.evaluate import metrics
     from voxport.evaluate.inputs import speech_clips, vocoder_feeds

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_stage, stage_context
 from torch import nn
 
 from voxport.errors import GateError
@@ -17,7 +18,7 @@ from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
 from voxport.models.vocoder import V1_22K_UNIVERSAL, VocoderConfig, load_vocoder, seeded_vocoder
 from voxport.models.weights import bundled_weights
-from voxport.pipeline.passes import StageContext, stage
+from voxport.pipeline.engine import BuildContext
 from voxport.pipeline.records import Record, read_record, write_record
 from voxport.prune.channels import _obs, prune_vocoder
 from voxport.prune.finetune import finetune
@@ -25,8 +26,8 @@ from voxport.prune.flops import count_macs, vocoder_flops_per_second
 from voxport.prune.magnitude import magnitude_prune, weight_sparsity
 
 GATES = {"vocoder": {"fp32": {"max_log_mel_increase_db": 0.3, "max_pesq_drop": 0.1, "require_speedup": False}}}
-FAST = {"gate_seconds": 1.5, "gate_clips": 3, "parity_clips": 1, "parity_seconds": 0.5, "timing_seconds": 0.5,
-        "calibration_clips": 4, "calibration_seconds": 1.0, "graph": "vocoder"}
+FAST = {"calibration_clips": 4, "calibration_seconds": 1.0, "graph": "vocoder"}
+SHORT = {"gate_seconds": 1.5, "vocoder_clips": 1, "max_clip_seconds": 0.5, "timing_seconds": 0.5}
 
 
 def torch_settings() -> tuple:
@@ -56,11 +57,10 @@ def source_dir(real_vocoder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def ctx(source_dir: Path, corpus, tmp_path: Path) -> StageContext:
+def ctx(source_dir: Path, corpus, tmp_path: Path) -> BuildContext:
     for name in ("vocoder_fp32.pt", "vocoder_fp32.pt.json"):
         os.link(source_dir / name, tmp_path / name)
-    return StageContext(bundle_dir=tmp_path, corpus=corpus, records=[read_record(tmp_path / "vocoder_fp32.pt")],
-                        gates=GATES, timing_repeats=1)
+    return stage_context(tmp_path, corpus, [read_record(tmp_path / "vocoder_fp32.pt")], GATES, **SHORT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +117,8 @@ def test_obs_removal_of_a_redundant_channel_is_lossless():
     assert torch.allclose(ref[..., 1:-1], out[..., 1:-1], atol=1e-4)
 
 
-@pytest.mark.parametrize("importance,allocation", [("obs", "global"), ("l1", "uniform")])
+@pytest.mark.parametrize("importance,allocation", [pytest.param("obs", "global", marks=pytest.mark.slow),
+                                                   ("l1", "uniform")])
 def test_structured_pruning_cuts_flops_by_the_fraction_and_rebuilds(real_vocoder, corpus, importance, allocation):
     before = {k: v.clone() for k, v in real_vocoder.state_dict().items()}
     clips = inputs.speech_clips(corpus, real_vocoder.cfg.mel, 2, 0.5, split="calib")
@@ -166,7 +167,7 @@ def test_finetune_is_bounded_and_leaves_torch_settings_alone(corpus):
 # Unstructured magnitude pruning
 
 
-@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("scope", [pytest.param("global", marks=pytest.mark.slow), "layer"])
 def test_magnitude_pruning_hits_the_target_sparsity(scope):
     model = seeded_vocoder(V1_22K_UNIVERSAL, 3)
     stats = magnitude_prune(model, 0.6, scope)
@@ -184,11 +185,12 @@ def test_magnitude_pruning_hits_the_target_sparsity(scope):
 # Stages on the real vocoder
 
 
-def test_unstructured_90_fails_the_gate_lists_metrics_and_leaves_nothing(ctx: StageContext):
+@pytest.mark.slow
+def test_unstructured_90_fails_the_gate_lists_metrics_and_leaves_nothing(ctx: BuildContext):
     before = sorted(p.name for p in ctx.bundle_dir.iterdir())
     settings = torch_settings()
     with pytest.raises(GateError) as info:
-        stage("prune_magnitude")(ctx.records[0], {**FAST, "sparsity": 0.9, "scope": "global"}, ctx)
+        run_stage(ctx, "prune_magnitude", ctx.records[0], {**FAST, "sparsity": 0.9, "scope": "global"})
     assert same_settings(settings, torch_settings())
     text = str(info.value)
     assert "\n" not in text and "log-mel distance" in text and "PESQ drop" in text and "no fine-tune" in text
@@ -199,12 +201,13 @@ def test_unstructured_90_fails_the_gate_lists_metrics_and_leaves_nothing(ctx: St
     assert len(ctx.records) == 1
 
 
-def test_structured_stage_writes_smaller_torch_and_onnx_artifacts(ctx: StageContext):
+@pytest.mark.slow
+def test_structured_stage_writes_smaller_torch_and_onnx_artifacts(ctx: BuildContext):
     settings = torch_settings()
     cfg = {**FAST, "sparsity": None, "default_sparsity": 0.05, "importance": "obs", "allocation": "global"}
-    onnx_record = stage("prune_structured")(ctx.records[0], cfg, ctx)
+    torch_record = run_stage(ctx, "prune_structured", ctx.records[0], cfg)
     assert same_settings(settings, torch_settings())
-    torch_record = ctx.records[-1]
+    onnx_record = run_stage(ctx, "onnx_export", torch_record, {"graph": "vocoder"})
     assert (torch_record.format, onnx_record.format) == ("torch", "onnx")
     assert onnx_record.parent == torch_record.file == "vocoder_pruned_obs_structured_5.pt"
     for r in (torch_record, onnx_record):
@@ -212,6 +215,7 @@ def test_structured_stage_writes_smaller_torch_and_onnx_artifacts(ctx: StageCont
         assert r.speed["flops_reduction"] == pytest.approx(0.05, abs=0.005)
         assert r.speed["params"] < r.speed["parent_params"] and 0 < r.sparsity < 0.1
         assert r.speed["speedup_vs_torch_fp32"] > 0 and r.quality["log_mel_distance_increase_db"] <= 0.3
+    assert onnx_record.speed["parent_median_s"] > 0  # timed beside the pruned PyTorch model it came from
     assert onnx_record.parity["wav_snr_db_min"] >= 100.0
     rebuilt = registry.load_torch_artifact(ctx.bundle_dir / torch_record.file, torch_record.model)
     assert rebuilt.cfg.resblock_inner_channels is not None

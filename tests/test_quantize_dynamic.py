@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_stage, stage_context
 
 from voxport.errors import GateError
-from voxport.pipeline.passes import StageContext, stage
+from voxport.pipeline.engine import BuildContext
 from voxport.pipeline.records import read_bundle, read_record
 from voxport.quantize.config import QuantizeConfig
 
@@ -22,12 +23,12 @@ GATES = {
 FIRST_LSTM = "/encoder/lstm/LSTM"
 
 
-def make_ctx(bundle: Path, corpus, tmp: Path, components: tuple[str, ...]) -> StageContext:
+def make_ctx(bundle: Path, corpus, tmp: Path, components: tuple[str, ...], **settings) -> BuildContext:
     records = [r for r in read_bundle(bundle) if r.component in components]
     for r in records:
         for name in (r.file, r.file + ".json"):
             os.link(bundle / name, tmp / name)
-    return StageContext(bundle_dir=tmp, corpus=corpus, records=records, gates=GATES, timing_repeats=1)
+    return stage_context(tmp, corpus, records, GATES, **settings)
 
 
 def settings() -> tuple:
@@ -36,28 +37,29 @@ def settings() -> tuple:
 
 
 @pytest.fixture
-def enc_ctx(bundle: Path, corpus, tmp_path: Path) -> StageContext:
+def enc_ctx(bundle: Path, corpus, tmp_path: Path) -> BuildContext:
     return make_ctx(bundle, corpus, tmp_path, ("speaker_encoder",))
 
 
 def cfg(**kw) -> dict:
-    return {"graph": "speaker_encoder", "timing_seconds": 1.0, **kw}
+    return {"graph": "speaker_encoder", **kw}
 
 
-def test_naive_encoder_int8_fails_the_speaker_gate_and_writes_nothing(enc_ctx: StageContext):
+def test_naive_encoder_int8_fails_the_speaker_gate_and_writes_nothing(enc_ctx: BuildContext):
     before = sorted(p.name for p in enc_ctx.bundle_dir.iterdir())
     parent = enc_ctx.find("speaker_encoder", "speaker_encoder", "onnx")
     with pytest.raises(GateError) as info:
-        stage("quantize_dynamic")(parent, cfg(search="none"), enc_ctx)
+        run_stage(enc_ctx, "quantize_dynamic", parent, cfg(search="none"))
     assert "embedding cosine" in str(info.value)
     assert info.value.metrics["quality"]["embedding_cosine_min"] < 0.9  # ~0.4: layer 0 sees zeros
     assert sorted(p.name for p in enc_ctx.bundle_dir.iterdir()) == before
 
 
-def test_searched_encoder_int8_keeps_first_lstm_float_and_passes(enc_ctx: StageContext):
+@pytest.mark.slow
+def test_searched_encoder_int8_keeps_first_lstm_float_and_passes(enc_ctx: BuildContext):
     before = settings()
     parent = enc_ctx.find("speaker_encoder", "speaker_encoder", "onnx")
-    record = stage("quantize_dynamic")(parent, cfg(), enc_ctx)
+    record = run_stage(enc_ctx, "quantize_dynamic", parent, cfg())
     assert settings() == before
     assert record.precision == "int8-dynamic" and record.quality["passed"]
     assert record.quality["embedding_cosine_min"] >= 0.995 and record.quality["decisions_changed"] == 0
@@ -68,13 +70,14 @@ def test_searched_encoder_int8_keeps_first_lstm_float_and_passes(enc_ctx: StageC
     assert "speedup_vs_torch_fp32" in record.speed
 
 
-def test_torch_flavour_recipe_splits_the_lstm_and_reloads_through_the_backend(enc_ctx: StageContext):
+def test_torch_flavour_recipe_splits_the_lstm_and_reloads_through_the_backend(enc_ctx: BuildContext):
     """The PyTorch flavour's artifact: FP32 weights + recipe, rebuilt by the torch backend with layer
     0 float. (The whole stage is not run here: PyTorch's INT8 LSTM is slower than FP32 on CPU.)"""
     from voxport.evaluate import metrics
     from voxport.evaluate.inputs import encoder_feeds
     from voxport.models import registry
     from voxport.models.checkpoint import sha256_file
+    from voxport.pipeline.passes import PassContext
     from voxport.quantize import torch_dynamic
     from voxport.quantize.dynamic import TorchFlavour
     from voxport.runtime.backends.torch import TorchBackend
@@ -83,7 +86,8 @@ def test_torch_flavour_recipe_splits_the_lstm_and_reloads_through_the_backend(en
     source = enc_ctx.source("speaker_encoder")
     module = registry.load_torch_artifact(enc_ctx.bundle_dir / source.file, source.model)
     spec = registry.graph_specs(module, source.model)["speaker_encoder"]
-    flavour = TorchFlavour(source, module, spec, "speaker_encoder", enc_ctx)
+    pctx = PassContext(enc_ctx.bundle_dir, enc_ctx.component("speaker_encoder"), enc_ctx.records)
+    flavour = TorchFlavour(source, module, spec, "speaker_encoder", pctx)
     assert flavour.candidates == ["lstm.layers.0", "lstm.layers.1", "lstm.layers.2", "linear"]
     assert flavour.extra["split_lstm_max_abs_vs_fp32"] < 1e-5
     layers = ["lstm.layers.1", "linear"]
@@ -103,11 +107,12 @@ def test_torch_flavour_recipe_splits_the_lstm_and_reloads_through_the_backend(en
     assert settings() == before
 
 
+@pytest.mark.slow
 def test_decoder_step_dynamic_int8_passes_its_gate(bundle: Path, corpus, tmp_path: Path):
-    ctx = make_ctx(bundle, corpus, tmp_path, ("synthesizer", "speaker_encoder"))
+    ctx = make_ctx(bundle, corpus, tmp_path, ("synthesizer", "speaker_encoder"),
+                   texts=["Voice cloning in a few seconds."])
     parent = ctx.find("synthesizer", "decoder_step", "onnx")
-    qc = {"graph": "decoder_step", "timing_seconds": 1.0, "texts": ["Voice cloning in a few seconds."]}
-    record = stage("quantize_dynamic")(parent, qc, ctx)
+    record = run_stage(ctx, "quantize_dynamic", parent, {"graph": "decoder_step"})
     assert record.graph == "decoder_step" and record.quality["passed"]
     assert record.quality["mel_snr_db_min"] >= 20.0 and record.quality["stop_agreement_min"] >= 0.95
     runtime = record.parity["integer_ops"]["runtime"]

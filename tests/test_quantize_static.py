@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_stage, stage_context
 
 from voxport.errors import ConfigError, GateError
-from voxport.pipeline.passes import StageContext, stage
+from voxport.pipeline.engine import BuildContext
 from voxport.pipeline.records import Record, read_bundle, read_record
 from voxport.quantize import qdq
 from voxport.quantize.config import QuantizeConfig
+from voxport.runtime.backends.onnxruntime import SessionSettings
 
-FAST = {"calibration": "minmax", "calibration_clips": 3, "crop_seconds": 0.5, "gate_seconds": 1.0,
-        "timing_seconds": 0.5, "rank_clips": 1, "rank_seconds": 0.25, "search_clips": 2, "search_seconds": 1.0,
-        "search_max_trials": 5, "graph": "vocoder"}
+FAST = {"calibration": "minmax", "calibration_clips": 3, "crop_seconds": 0.5, "rank_clips": 1, "rank_seconds": 0.25,
+        "search_clips": 2, "search_seconds": 1.0, "search_max_trials": 5, "graph": "vocoder"}
 GATES = {"vocoder": {"int8-static": {"max_log_mel_increase_db": 0.3, "max_pesq_drop": 0.1,
                                      "require_speedup": False}}}  # timing on a shared CI box is noise
 
@@ -39,20 +40,21 @@ def torch_settings() -> tuple:
 
 
 @pytest.fixture
-def ctx(bundle: Path, corpus, tmp_path: Path) -> StageContext:
+def ctx(bundle: Path, corpus, tmp_path: Path) -> BuildContext:
     bundle_dir, records = stage_dir(bundle, tmp_path, "vocoder")
-    return StageContext(bundle_dir=bundle_dir, corpus=corpus, records=records, gates=GATES, timing_repeats=1)
+    return stage_context(bundle_dir, corpus, records, GATES, gate_seconds=1.0, timing_seconds=0.5)
 
 
-def parent(ctx: StageContext) -> Record:
+def parent(ctx: BuildContext) -> Record:
     return ctx.find("vocoder", "vocoder", "onnx")
 
 
-def test_naive_all_conv_int8_fails_the_gate_lists_every_metric_and_leaves_nothing(ctx: StageContext):
+@pytest.mark.slow
+def test_naive_all_conv_int8_fails_the_gate_lists_every_metric_and_leaves_nothing(ctx: BuildContext):
     before = sorted(p.name for p in ctx.bundle_dir.iterdir())
     cfg = {**FAST, "search": "none", "keep_output_layer_float": False}
     with pytest.raises(GateError) as info:
-        stage("quantize_static")(parent(ctx), cfg, ctx)
+        run_stage(ctx, "quantize_static", parent(ctx), cfg)
     err = info.value
     text = str(err)
     assert "log-mel distance" in text and "PESQ drop" in text
@@ -68,9 +70,10 @@ def test_naive_all_conv_int8_fails_the_gate_lists_every_metric_and_leaves_nothin
 STAGE1 = [f"/generator/resblocks.{b}/convs{c}.{i}/Conv" for b in range(3) for c in (1, 2) for i in range(3)]
 
 
-def test_searched_int8_passes_with_integer_kernels_and_float_where_needed(ctx: StageContext):
+@pytest.mark.slow
+def test_searched_int8_passes_with_integer_kernels_and_float_where_needed(ctx: BuildContext):
     settings = torch_settings()
-    record = stage("quantize_static")(parent(ctx), {**FAST, "exclude_nodes": STAGE1}, ctx)
+    record = run_stage(ctx, "quantize_static", parent(ctx), {**FAST, "exclude_nodes": STAGE1})
     assert torch_settings() == settings
     assert record.precision == "int8-static" and record.format == "onnx" and record.quality["passed"]
     assert read_record(ctx.bundle_dir / record.file) == record
@@ -88,17 +91,19 @@ def test_searched_int8_passes_with_integer_kernels_and_float_where_needed(ctx: S
     assert any("error alone" in why for why in floats.values())
     q = record.quality
     assert q["log_mel_distance_increase_db"] <= 0.3 and q["pesq_drop"] <= 0.1
-    assert {"speedup_vs_torch_fp32", "ort_fp32_speedup_vs_torch_fp32", "speedup_vs_parent"} <= set(record.speed)
+    assert {"speedup_vs_torch_fp32", "parent_speedup_vs_torch_fp32", "speedup_vs_parent"} <= set(record.speed)
     # Timed under both ORT optimization levels in one run; the faster one is what the runtime uses.
     session = record.speed["session"]
     assert set(session["medians_s"]) == {"all", "extended"}
-    assert session["medians_s"][session["graph_optimization_level"]] == min(session["medians_s"].values())
+    assert session["medians_s"][session["graph_optimization"]] == min(session["medians_s"].values())
+    # The whole settings the timing used, so the runtime reopens the artifact exactly so.
+    assert SessionSettings.from_dict(session) == SessionSettings(graph_optimization=session["graph_optimization"],
+                                                                 intra_op_threads=ctx.threads)
+    assert session["allow_spinning"] is False and session["inter_op_threads"] == 1
     assert record.speed["median_s"] == min(session["medians_s"].values())
 
 
-def test_exclusions_stay_float_in_the_quantized_graph(ctx: StageContext, tmp_path: Path):
-    from voxport.quantize.static import calibration_feeds
-
+def test_exclusions_stay_float_in_the_quantized_graph(ctx: BuildContext, tmp_path: Path):
     excluded = "/generator/resblocks.3/convs1.0/Conv"
     qc = QuantizeConfig.from_cfg({**FAST, "exclude_nodes": [excluded], "calibration_clips": 1})
     pre = qdq.preprocess(ctx.bundle_dir / parent(ctx).file, tmp_path / "pre.onnx")
@@ -106,7 +111,8 @@ def test_exclusions_stay_float_in_the_quantized_graph(ctx: StageContext, tmp_pat
     candidates, kept = qdq.candidate_nodes(model, qc)
     assert excluded not in candidates and "exclude_nodes" in kept[excluded]
     assert "/generator/conv_post/Conv" not in candidates and len(candidates) == 72
-    feeds, _ = calibration_feeds(ctx, registry_mel(ctx), qc)
+    clips = ctx.component("vocoder").calibration_clips(qc.calibration_clips, qc.crop_seconds)
+    feeds = [{"mel": c.mel[None]} for c in clips]
     out = qdq.quantize(pre, tmp_path / "q.onnx", qc, candidates, tmp_path / "ranges.json", feeds)
     graph = qdq.load_graph(out).graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -119,18 +125,11 @@ def test_exclusions_stay_float_in_the_quantized_graph(ctx: StageContext, tmp_pat
         qdq.candidate_nodes(model, QuantizeConfig(exclude_nodes=("/no/such/Conv",)))
 
 
-def registry_mel(ctx: StageContext):
-    from voxport.models import registry
-
-    source = ctx.source("vocoder")
-    return registry.build_module(source.model).cfg.mel
-
-
-def test_bf16_is_skipped_with_a_reason_where_the_cpu_lacks_native_bfloat16(ctx: StageContext):
+def test_bf16_is_skipped_with_a_reason_where_the_cpu_lacks_native_bfloat16(ctx: BuildContext):
     from conftest import compose_config
     from omegaconf import OmegaConf
 
-    from voxport.pipeline.engine import run_stages
+    from voxport.pipeline.engine import plan_stages, run_planned
     from voxport.quantize.bf16 import native_bf16
 
     native, why = native_bf16()
@@ -139,12 +138,14 @@ def test_bf16_is_skipped_with_a_reason_where_the_cpu_lacks_native_bfloat16(ctx: 
     cfg = compose_config("stages=export_only")
     OmegaConf.update(cfg, "stages.vocoder", [{"kind": "bf16", "parent": "torch"}], force_add=True)
     before = sorted(p.name for p in ctx.bundle_dir.iterdir())
-    assert run_stages(cfg, ctx) == []
+    (stage,) = [s for s in plan_stages(cfg) if s.kind == "bf16"]
+    assert run_planned(ctx, stage, cfg) == []
     assert [(s["component"], s["kind"]) for s in ctx.skipped] == [("vocoder", "bf16")]
     assert "avx512_bf16" in ctx.skipped[0]["reason"] and "slower" in ctx.skipped[0]["reason"]
     assert sorted(p.name for p in ctx.bundle_dir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_bf16_artifact_reloads_as_bfloat16_with_float32_boundaries(bundle: Path, tmp_path: Path):
     """The artifact format the bf16 stage writes on a native host (exercised here without timing)."""
     from voxport.models import registry
@@ -200,33 +201,31 @@ def test_histogram_calibrators_clip_outliers_with_asymmetric_ranges(tmp_path: Pa
         assert low >= 0.0, f"{method} range is symmetric (half the codes wasted on values never seen): {ranges}"
 
 
-def test_static_int8_chains_after_structured_pruning_and_is_gated_against_the_original(ctx: StageContext):
+@pytest.mark.slow
+def test_static_int8_chains_after_structured_pruning_and_is_gated_against_the_original(ctx: BuildContext):
     from voxport.models.checkpoint import sha256_file
 
     ctx.gates = {"vocoder": {**GATES["vocoder"], "fp32": {"max_log_mel_increase_db": 0.3, "max_pesq_drop": 0.1,
                                                           "require_speedup": False}}}
-    prune_cfg = {"gate_seconds": 1.0, "gate_clips": 2, "parity_clips": 1, "parity_seconds": 0.5,
-                 "timing_seconds": 0.5, "calibration_clips": 3, "calibration_seconds": 1.0, "graph": "vocoder",
-                 "default_sparsity": 0.05}
-    pruned = stage("prune_structured")(ctx.source("vocoder"), prune_cfg, ctx)
-    ctx.records.append(pruned)  # what the build does with a stage's record
+    prune_cfg = {"calibration_clips": 3, "calibration_seconds": 1.0, "graph": "vocoder", "default_sparsity": 0.05}
+    run_stage(ctx, "prune_structured", ctx.source("vocoder"), prune_cfg)
+    pruned = run_stage(ctx, "onnx_export", ctx.records[-1], {"graph": "vocoder"})
     assert ctx.find("vocoder", "vocoder", "onnx") == pruned  # `parent: onnx` now means the pruned model
+    assert pruned.quality["inherited_from"] == "vocoder_pruned_obs_structured_5.pt"  # the gate it passed
     pruned_sha = sha256_file(ctx.bundle_dir / pruned.file)
     # Short clips and 3 calibration clips make pruning cost more than in a build; a wider INT8
     # budget keeps this test about the chain, not about how much of the budget pruning left.
     ctx.gates["vocoder"]["int8-static"] = {"max_log_mel_increase_db": 1.0, "max_pesq_drop": 0.4,
                                            "require_speedup": False}
-    record = stage("quantize_static")(pruned, {**FAST, "exclude_nodes": STAGE1}, ctx)
+    record = run_stage(ctx, "quantize_static", pruned, {**FAST, "exclude_nodes": STAGE1})
     assert record.file == "vocoder_pruned_obs_structured_5_int8_static.onnx"
     assert sha256_file(ctx.bundle_dir / pruned.file) == pruned_sha  # the parent is never written over
     assert record.parent == pruned.file and record.model == pruned.model
     assert record.model["config"]["resblock_inner_channels"]  # the pruned network's shape, not V1's
-    # One gate for the whole chain: relative to the ORIGINAL FP32 export, not to the pruned parent.
-    assert record.parity["reference"].startswith("ONNX Runtime FP32 vocoder_fp32.onnx")
-    export = next(r for r in ctx.records if r.stage == "export" and r.format == "onnx")
-    (key,) = [k for k in ctx.cache if isinstance(k, str) and k.startswith("vocoder-baseline:")]
-    assert key.startswith(f"vocoder-baseline:{export.sha256}:")
-    original = ctx.cache[key]
+    # One gate for the whole chain: relative to the ORIGINAL PyTorch FP32 model, not to the pruned parent.
+    assert record.parity["reference"].startswith("PyTorch FP32 original")
+    vocoder = ctx.component("vocoder")
+    original = vocoder.baseline(vocoder.gate_clips())
     assert record.quality["fp32_log_mel_distance_db"] == pytest.approx(original["log_mel_distance_db"])
     assert record.quality["log_mel_distance_increase_db"] <= 1.0
     assert record.parity["integer_ops"]["runtime"]["QLinearConv"] > 0

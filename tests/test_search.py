@@ -97,6 +97,7 @@ def test_config_rejects_bad_values():
 # A small real case: single layers of the real HiFi-GAN, ORT vs the emulation
 
 
+@pytest.mark.slow
 def test_emulated_ranking_matches_real_ort_single_layer_errors(vocoder_work: dict):
     w = vocoder_work
     nodes = ["/generator/resblocks.0/convs1.0/Conv", "/generator/resblocks.6/convs2.2/Conv",

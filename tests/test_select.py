@@ -155,6 +155,12 @@ def test_driver_version_parsing() -> None:
     assert parse_driver_version("no driver here") is None
 
 
+def _needs(*kinds: str) -> dict:
+    from voxport.pipeline.passes import pass_kind
+
+    return {kind: pass_kind(kind).requires for kind in kinds}
+
+
 def test_target_requirements_are_checked_in_one_line() -> None:
     require_target({"name": "cpu", "requires": []}, CPU_ONLY)
     with pytest.raises(BackendUnavailable) as err:
@@ -164,10 +170,10 @@ def test_target_requirements_are_checked_in_one_line() -> None:
     assert message.startswith("target 'tensorrt' cannot be built on this host")
     assert "no CUDA device" in message and "TensorRT is not installed" in message
     with pytest.raises(BackendUnavailable, match="^target 'cpu' with tensorrt stages cannot be built on this host"):
-        require_target({"name": "cpu", "requires": []}, CPU_ONLY, stages=["fp16", "tensorrt"])
-    require_target({"name": "cpu", "requires": []}, CPU_ONLY, stages=["fp16", "quantize_static"])
+        require_target({"name": "cpu", "requires": []}, CPU_ONLY, stages=_needs("fp16", "tensorrt"))
+    require_target({"name": "cpu", "requires": []}, CPU_ONLY, stages=_needs("fp16", "quantize_static"))
     with pytest.raises(BackendUnavailable, match="^target 'tensorrt' cannot be built"):  # stages add nothing new
-        require_target({"name": "tensorrt", "requires": ["cuda", "tensorrt"]}, CPU_ONLY, stages=["tensorrt"])
+        require_target({"name": "tensorrt", "requires": ["cuda", "tensorrt"]}, CPU_ONLY, stages=_needs("tensorrt"))
     assert missing_requirements(["cuda", "tensorrt"], TRT_A10) == []
     assert missing_requirements(["tensorrt"], TRT_STUB)[0].startswith("TensorRT 10.13.0.35 is installed but cannot")
     assert missing_requirements(["onnxruntime-cuda"], CPU_ONLY)[0].startswith("ONNX Runtime has no CUDA")
@@ -207,7 +213,7 @@ def test_a_record_whose_sha256_does_not_match_is_refused(tmp_path: Path) -> None
 
 
 def test_onnxruntime_backend_runs_with_the_optimization_level_its_stage_measured_fastest(tmp_path: Path) -> None:
-    from voxport.runtime.backends.onnxruntime import OnnxRuntimeBackend, session_level
+    from voxport.runtime.backends.onnxruntime import OnnxRuntimeBackend, recorded_settings
 
     path = _tiny_onnx(tmp_path / "vocoder_int8.onnx", 2.0)
     plain = rec(path.name, "onnx", "int8-static", "quantize-static", sha=sha256_file(path))
@@ -218,7 +224,8 @@ def test_onnxruntime_backend_runs_with_the_optimization_level_its_stage_measured
         assert backend.graph_optimization == level
         out = backend.infer({"mel": np.ones((1, 80, 4), dtype=np.float32)})["wav"]
         assert np.allclose(out, 2.0)  # same answer at either level
-    assert session_level(tuned, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "all"  # CPU timing only
+    cuda = recorded_settings(tuned, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cuda.graph_optimization == "all"  # CPU timing only
     with pytest.raises(BackendUnavailable, match="unknown graph optimization level 'turbo'"):
         OnnxRuntimeBackend().load(plain.replace(speed={"session": {"graph_optimization_level": "turbo"}}), tmp_path)
 

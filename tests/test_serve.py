@@ -28,6 +28,7 @@ from voxport.benchmarks.load import run_load
 from voxport.errors import LibraryFull
 from voxport.evaluate.corpus import Corpus
 from voxport.pipeline.records import read_bundle
+from voxport.runtime.backends.onnxruntime import SessionSettings
 from voxport.runtime.serve.app import create_app
 from voxport.runtime.serve.library import VoiceLibrary
 from voxport.runtime.serve.service import Service
@@ -152,6 +153,10 @@ def test_health_names_what_serves_each_graph(server: LiveServer, bundle: Path) -
         assert graph["reason"] and graph["providers"] and graph["weights"] == health["weights"][component]
         assert (bundle / graph["file"]).is_file() and len(graph["sha256"]) == 64
         assert graph["sha256"] in shas
+        if graph["format"] == "onnx":  # the build's recorded settings, serve.threads (1) pinned over them
+            record = next(r for r in read_bundle(bundle) if r.file == graph["file"])
+            recorded = SessionSettings.from_dict((record.speed or {}).get("session"))
+            assert graph["session"] == recorded.with_overrides(intra_op_threads=1).to_dict()
     spec = server.client.get("/openapi.json").json()
     for path in ("/health", "/api/v1/extract-embedding", "/api/v1/clone-voice", "/api/v1/synthesize-with-embedding",
                  "/api/v1/batch-synthesize", "/api/v1/voices", "/metrics"):
@@ -403,6 +408,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_restart_keeps_every_voice(bundle: Path, cloner, speech: dict[str, bytes], tmp_path: Path) -> None:
     voices = tmp_path / "voices"
     with LiveServer(_settings(bundle, voices), cloner) as live:

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from voxport.errors import CheckpointError, ConfigError
+from voxport.models.prenet_masks import NumpyMasks, as_mask_source
+from voxport.models.prenet_masks_torch import TorchMasks, draw_prenet_masks
 from voxport.models.synthesizer import (
     NATURAL_LOG_STOP_THRESHOLD,
     SynthesizerConfig,
@@ -30,8 +32,9 @@ from voxport.models.synthesizer_graphs import (
     graph_specs,
     initial_decoder_state,
 )
+from voxport.models.synthesizer_reference import generate
 from voxport.models.tacotron_layers import MultiHeadAttention
-from voxport.runtime.synthesizer_loop import draw_prenet_masks, generate, run_host_loop, trim_lengths
+from voxport.runtime.synthesizer_loop import run_host_loop, trim_lengths
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "tacotron_mockingbird_golden.json").read_text())
 CHARS = np.array([[41, 36, 56, 74, 35, 28, 42, 56, 74, 40, 28, 58, 1], [35, 48, 28, 41, 1] + [0] * 8])
@@ -213,6 +216,31 @@ def test_masks_make_runs_reproducible(model_d):
     enc, dec = draw_prenet_masks(torch.Generator().manual_seed(0), 3, 50, 40, cfg)
     assert enc.shape == (2, 3, 50, 256) and dec.shape == (40, 2, 3, 256)
     assert set(torch.unique(torch.cat([enc.flatten(), dec.flatten()])).tolist()) == {0.0, 2.0}
+
+
+def test_mask_sources_draw_in_loop_order_and_reproduce(model_d):
+    model, cfg = model_d
+    spk = _speaker(2)
+    # TorchMasks draws exactly what a bare torch.Generator drew (the goldens' masks), in the same order.
+    enc, dec = draw_prenet_masks(torch.Generator().manual_seed(9), 2, 13, 3, cfg)
+    source = TorchMasks(9)
+    assert np.array_equal(source.encoder(2, 13, cfg), enc.numpy())
+    assert all(np.array_equal(source.decoder(2, cfg), d.numpy()) for d in dec)
+    assert isinstance(as_mask_source(torch.Generator()), TorchMasks)
+    with pytest.raises(ConfigError, match="MaskSource"):
+        as_mask_source(9)
+    # NumpyMasks: the runtime's source; same shapes and values, reproducible by seed, torch-free.
+    a, b = NumpyMasks(0), NumpyMasks(0)
+    enc_np = a.encoder(3, 50, cfg)
+    dec_np = np.stack([a.decoder(3, cfg) for _ in range(40)])
+    assert enc_np.shape == (2, 3, 50, 256) and dec_np.shape == (40, 2, 3, 256)
+    assert enc_np.dtype == dec_np.dtype == np.float32
+    assert set(np.unique(np.concatenate([enc_np.ravel(), dec_np.ravel()])).tolist()) == {0.0, 2.0}
+    assert 0.45 < float(np.mean(dec_np == 0)) < 0.55  # dropout p = 0.5
+    assert np.array_equal(b.encoder(3, 50, cfg), enc_np) and np.array_equal(b.decoder(3, cfg), dec_np[0])
+    runs = [generate(model, CHARS, spk, -1, NumpyMasks(s), cfg, max_decoder_steps=6) for s in (3, 3, 4)]
+    assert np.array_equal(runs[0].mel, runs[1].mel)
+    assert np.abs(runs[0].mel - runs[2].mel).max() > 1e-4
     assert 0.47 < float((enc > 0).float().mean()) < 0.53
 
 
@@ -300,10 +328,10 @@ def test_stop_rule(schedule, steps, stopped):
     cfg = SynthesizerConfig(max_decoder_steps=30)
     chars = np.array([[2, 3, 4, 5, 1], [2, 3, 1, 0, 0]])
     res = run_host_loop(*_fake_graphs(schedule), chars, np.zeros((2, 256), np.float32), -1,
-                        torch.Generator().manual_seed(0), cfg)
+                        NumpyMasks(0), cfg)
     assert (res.n_steps, res.stopped, res.mel.shape) == (steps, stopped, (2, 80, 2 * steps))
     no_stop = run_host_loop(*_fake_graphs(schedule), chars, np.zeros((2, 256), np.float32), -1,
-                            torch.Generator().manual_seed(0), cfg, max_decoder_steps=12, stop_on_token=False)
+                            NumpyMasks(0), cfg, max_decoder_steps=12, stop_on_token=False)
     assert (no_stop.n_steps, no_stop.stopped) == (12, False)
 
 

@@ -15,7 +15,6 @@ from voxport.errors import BackendUnavailable, ConfigError
 from voxport.export.profiles import (
     ProfileConfig,
     axis_ranges,
-    corpus_lengths,
     length_range,
     profile_shapes,
     shape_problem,
@@ -77,9 +76,19 @@ def test_shape_check_against_a_profile() -> None:
     assert "no input 'wav'" in shape_problem(shapes, "wav", (1, 1, 10))
 
 
+def _component(name: str, corpus, model: dict, contract: dict, texts=()):
+    """A component over a source record alone (profiles need its config, not its weights)."""
+    from voxport.evaluate.components import EvaluationSettings, ValidationConfig, component_class
+
+    source = Record(component=name, graph="*", format="torch", precision="fp32", file=f"{name}_fp32.pt",
+                    sha256="0" * 64, weights="real", stage="source", model=model, contract=contract)
+    settings = EvaluationSettings(validation=ValidationConfig(texts=tuple(texts)))
+    return component_class(name)(Path("."), corpus, [source], settings)
+
+
 def test_profiles_from_the_corpus_cover_every_recording_and_text(corpus) -> None:
     cfg = ProfileConfig()
-    lengths, sources = corpus_lengths("vocoder", corpus, VOCODER_CONTRACT, {}, ())
+    lengths, sources = _component("vocoder", corpus, {}, VOCODER_CONTRACT).axis_lengths()
     lo, opt, hi = axis_ranges(lengths, cfg)["frames"]
     frames = [int(i.duration_s * 22050) // 256 + 1 for i in corpus.items()]
     assert lo == min(frames) and hi >= max(frames) * 1.25 and lo <= opt <= hi
@@ -87,7 +96,7 @@ def test_profiles_from_the_corpus_cover_every_recording_and_text(corpus) -> None
     assert "corpus recordings" in sources["frames"]
 
     texts = compose_config().validation.texts
-    lengths, sources = corpus_lengths("synthesizer", corpus, VOCODER_CONTRACT, SYNTH_MODEL, list(texts))
+    lengths, sources = _component("synthesizer", corpus, SYNTH_MODEL, VOCODER_CONTRACT, texts).axis_lengths()
     from voxport.models.text import encode_text
 
     fragments = [len(ids) for t in texts for ids in encode_text(t, 75)]
@@ -98,7 +107,7 @@ def test_profiles_from_the_corpus_cover_every_recording_and_text(corpus) -> None
     from voxport.models.speaker_encoder import SpeakerEncoderConfig
 
     enc_model = {"network": "ge2e", "config": SpeakerEncoderConfig().to_dict()}
-    lengths, _ = corpus_lengths("speaker_encoder", corpus, {}, enc_model, ())
+    lengths, _ = _component("speaker_encoder", corpus, enc_model, {}).axis_lengths()
     lo, opt, hi = axis_ranges(lengths, cfg)["batch"]  # partials per utterance are the encoder's batch
     assert lo >= 1 and hi > opt >= lo and hi >= max(lengths["batch"])
 
@@ -128,17 +137,18 @@ def test_engine_build_refuses_in_one_line_without_cuda_or_tensorrt(host: Host, p
 
 def test_tensorrt_stage_on_this_host_fails_before_writing(tmp_path: Path, corpus) -> None:
     import torch
-
-    from voxport.pipeline.passes import StageContext, stage
+    from conftest import run_stage, stage_context
 
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA: the refusal path is for CPU-only hosts")
     parent = Record(component="vocoder", graph="vocoder", format="onnx", precision="fp16",
                     file="vocoder_fp16.onnx", sha256="0" * 64, weights="real", stage="fp16", inputs=(MEL,))
-    ctx = StageContext(bundle_dir=tmp_path, corpus=corpus, records=[parent],
-                       gates={"vocoder": {"fp16": {"max_log_mel_increase_db": 0.1, "max_pesq_drop": 0.05}}})
+    source = Record(component="vocoder", graph="vocoder", format="torch", precision="fp32", file="vocoder_fp32.pt",
+                    sha256="0" * 64, weights="real", stage="source")
+    ctx = stage_context(tmp_path, corpus, [source, parent],
+                        {"vocoder": {"fp16": {"max_log_mel_increase_db": 0.1, "max_pesq_drop": 0.05}}})
     with pytest.raises(BackendUnavailable, match="cannot build TensorRT engines on this host: no CUDA device"):
-        stage("tensorrt")(parent, {"graph": "vocoder"}, ctx)
+        run_stage(ctx, "tensorrt", parent, {"graph": "vocoder"})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -210,6 +220,7 @@ def test_every_parser_error_is_reported(tmp_path: Path) -> None:
         assert text in message
 
 
+@pytest.mark.slow
 def test_build_target_tensorrt_without_cuda_stops_in_one_line(tmp_path: Path) -> None:
     import torch
 

@@ -213,6 +213,7 @@ def speech(corpus) -> dict[str, np.ndarray]:
     return {it.id: corpus.audio(it, 22050)[: int(2.5 * 22050)] for it in items}
 
 
+@pytest.mark.slow
 def test_copy_synthesis_of_real_speech(universal, speech):
     scores = {}
     for item_id, ref in speech.items():

@@ -42,13 +42,15 @@ def open_first(choices: Sequence[Selection], bundle_dir: Path, graph: str, host:
 
     One that fails (sha256 changed, ONNX Runtime fell back from CUDA, engine refused) gives way to
     the next, and the returned reason says which were refused and why; `strict` raises instead.
+    An ONNX artifact opens with the session settings its record says the build timed it under;
+    `threads` > 0 overrides only its intra-op threads (0 keeps the recorded value).
     """
     refused: list[str] = []
     for choice in choices:
         record = choice.record
         options: dict[str, Any] = {}
         if record.format == "onnx":
-            options = {"intra_op_threads": threads, "providers": choice.providers}
+            options = {"providers": choice.providers, "intra_op_threads": threads or None}
         elif record.format == "trt":
             options = {"host": host}
         try:

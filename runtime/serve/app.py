@@ -189,7 +189,7 @@ def serve(cfg: Any) -> None:
     """Entry point of `voxport serve` (Hydra config with a `serve` node)."""
     import uvicorn
 
-    settings = ServeSettings.from_cfg(cfg.serve)
+    settings = ServeSettings.from_cfg(cfg.serve, cfg.target)
     if not settings.loopback:
         log.warning("serving on %s: reachable from other hosts; there is no authentication", settings.host)
     app = create_app(settings)

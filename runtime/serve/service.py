@@ -55,10 +55,9 @@ def pcm16(wav: np.ndarray) -> bytes:
 class Service:
     def __init__(self, settings: ServeSettings, cloner: VoiceCloner | None = None) -> None:
         self.settings = settings
-        preference = {"preference": settings.preference} if settings.preference else {}
         self._owns_cloner = cloner is None  # a cloner passed in (tests, embedding) is the caller's to close
-        self.cloner = cloner or VoiceCloner(settings.bundle_dir, strict=settings.strict, threads=settings.threads,
-                                            **preference)
+        self.cloner = cloner or VoiceCloner(settings.bundle_dir, preference=settings.target.preference,
+                                            strict=settings.target.strict, threads=settings.threads)
         self.telemetry = Telemetry()
         self.engine = Engine(self.cloner, settings, self.telemetry)
         self.library = VoiceLibrary(settings.voices_dir, settings.limits.max_voices, settings.limits.max_library_bytes)

@@ -1,4 +1,5 @@
-"""Service settings: the `serve:` node of conf/config.yaml as a validated dataclass."""
+"""Service settings: the `serve:` node of conf/config.yaml as a validated dataclass, plus the `target:`
+node that picks the artifacts (the same preference and strictness every selecting command uses)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from voxport.errors import ConfigError
+from voxport.runtime.select import TargetConfig
 from voxport.runtime.streaming import StreamConfig
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,6 @@ class ServeSettings:
     voices_dir: Path
     host: str = "127.0.0.1"
     port: int = 8000
-    preference: tuple[str, ...] = ()  # empty: runtime/select.py's default order
-    strict: bool = False
     workers: int = 2  # inference threads
     threads: int = 1  # intra-op threads per ONNX Runtime session
     queue_size: int = 4  # admitted requests beyond the busy workers; more get 503 + Retry-After
@@ -43,6 +43,8 @@ class ServeSettings:
     default_max_decoder_steps: int | None = None  # None: the bundle's synthesizer setting
     limits: Limits = field(default_factory=Limits)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    # Not a `serve` key: the composed `target` node (preference, strict), passed to from_cfg.
+    target: TargetConfig = field(default_factory=TargetConfig, metadata={"node": "target"})
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.queue_size < 0 or self.threads < 0:
@@ -65,8 +67,8 @@ class ServeSettings:
             return self.host == "localhost"
 
     @classmethod
-    def from_cfg(cls, node: Any) -> ServeSettings:
-        """From the composed Hydra `serve` node (or any mapping with the same keys)."""
+    def from_cfg(cls, node: Any, target: Any = None) -> ServeSettings:
+        """From the composed Hydra `serve` node (or any mapping with the same keys) and `target` node."""
         from omegaconf import DictConfig, OmegaConf
 
         data: dict[str, Any] = dict(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig)
@@ -75,7 +77,9 @@ class ServeSettings:
             if data.get(key) in (None, "", "???"):
                 raise ConfigError(f"serve.{key} is required")
             data[key] = Path(data[key])
-        data["preference"] = tuple(data.get("preference") or ())
+        if "target" in data:
+            raise ConfigError("serve: unknown setting(s) target (artifact selection is the top-level `target`)")
+        data["target"] = TargetConfig.from_cfg(target if target is not None else {})
         nested = {"limits": Limits, "stream": StreamConfig}
         for key, kind in nested.items():
             data[key] = _build(kind, data.get(key) or {}, f"serve.{key}")

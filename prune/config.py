@@ -1,0 +1,60 @@
+"""The settings of the pruning passes: conf `prune` merged with the preset entry, checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from voxport.errors import ConfigError
+
+IMPORTANCES = ("obs", "l1")
+ALLOCATIONS = ("global", "uniform")
+FINETUNE_TARGETS = ("fp32", "recording")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float | None = None  # None: the preset's default_sparsity (magnitude: weights zeroed;
+    default_sparsity: float | None = None  # structured: share of the vocoder's FLOPs removed)
+    scope: str = "global"  # unstructured: global | layer
+    exclude: tuple[str, ...] = ()  # unstructured: layer-name prefixes kept dense
+    importance: str = "obs"  # structured: obs | l1
+    allocation: str = "global"  # structured: global | uniform
+    damp: float = 1e-3  # structured obs: ridge damping of the activation second moments
+    calibration_clips: int = 12  # real speech of the calib split (statistics, fine-tune)
+    calibration_seconds: float = 3.0
+    finetune_seconds: float = 0.0  # optional copy-synthesis fine-tune after structured pruning
+    finetune_lr: float = 1e-5
+    finetune_target: str = "fp32"  # fp32 (the teacher's output) | recording
+    graph: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude or ()))
+        for name, allowed in (("importance", IMPORTANCES), ("allocation", ALLOCATIONS),
+                              ("finetune_target", FINETUNE_TARGETS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"prune.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("sparsity", "default_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0.0 <= value < 1.0):
+                raise ConfigError(f"prune.{name} must be a number in [0, 1), got {value!r}")
+        if self.calibration_clips < 1 or self.calibration_seconds <= 0 or self.finetune_seconds < 0:
+            raise ConfigError("prune.calibration_clips must be >= 1, calibration_seconds > 0, finetune_seconds >= 0")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> PruneConfig:
+        from voxport.pipeline.passes import known_settings
+
+        return cls(**known_settings(cls, settings, "prune", ignored=()))
+
+    def target(self, fallback: float) -> float:
+        """`sparsity` if set (entry or `prune.sparsity=`), else the preset's, else the pass's default."""
+        for value in (self.sparsity, self.default_sparsity):
+            if value is not None:
+                return float(value)
+        return fallback
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
