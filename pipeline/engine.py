@@ -30,7 +30,13 @@ from tqdm import tqdm
 
 from voxport.errors import ConfigError, GateError, StageSkipped
 from voxport.evaluate import timing
-from voxport.evaluate.components import Component, EvaluationSettings, ValidationConfig, component_class
+from voxport.evaluate.components import (
+    COMPONENTS,
+    Component,
+    EvaluationSettings,
+    ValidationConfig,
+    component_class,
+)
 from voxport.evaluate.corpus import Corpus, build_corpus, default_corpus_dir, load_corpus
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
@@ -183,7 +189,7 @@ def _container(node: Any) -> Any:
 
 def plan_stages(cfg: Any) -> list[Stage]:
     """The FP32 ONNX export of every component, then conf `stages` per component, in order."""
-    components = ("speaker_encoder", "synthesizer", "vocoder")
+    components = tuple(COMPONENTS)  # encoder, synthesizer, vocoder: the order a clone runs them
     plan = [Stage(c, "onnx_export", parent="source") for c in components]
     for component in components:
         for entry in cfg.stages.get(component) or []:
@@ -430,7 +436,9 @@ def time_artifact(ctx: BuildContext, record: Record, parent: Record, component: 
     opened = []
 
     def runner(r: Record, level: str | None = None) -> Any:
-        backend = open_backend(r, ctx.bundle_dir, graph=record.graph, **_options(ctx, r, level))
+        # A parent is timed as it serves: with the session settings its own timing recorded.
+        options = {} if level is None and (r.speed or {}).get("session") else _options(ctx, r, level)
+        backend = open_backend(r, ctx.bundle_dir, graph=record.graph, **options)
         opened.append(backend)
         return feed.wrap(backend.infer)
 

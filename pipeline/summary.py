@@ -66,7 +66,7 @@ def ranking_table(table: list[dict[str, Any]]) -> str:
     head = ["component", *(["variant"] if show_variant else []), "artifact", "precision",
             "x PyTorch FP32", "parent x PyTorch", "quality vs FP32"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for component in ("speaker_encoder", "synthesizer", "vocoder"):
+    for component in dict.fromkeys(row["component"] for row in table):  # in build order
         ranked = sorted((row for row in table if row["component"] == component and row["passed"]),
                         key=lambda row: -row["speedup_vs_torch_fp32"])
         for row in ranked:

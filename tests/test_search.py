@@ -135,10 +135,10 @@ def test_emulated_ranking_matches_real_ort_single_layer_errors(vocoder_work: dic
 @pytest.fixture(scope="module")
 def vocoder_work(bundle: Path, corpus, tmp_path_factory) -> dict:
     """The real vocoder's FP32 ONNX, pre-processed, calibrated (MinMax, short real clips) once."""
+    from conftest import stage_context
+
     from voxport.models import registry
-    from voxport.pipeline.passes import StageContext
     from voxport.pipeline.records import read_bundle
-    from voxport.quantize.static import calibration_feeds
 
     records = read_bundle(bundle)
     source = next(r for r in records if r.component == "vocoder" and r.stage == "source")
@@ -150,8 +150,9 @@ def vocoder_work(bundle: Path, corpus, tmp_path_factory) -> dict:
     pre = qdq.preprocess(bundle / onnx_rec.file, work / "pre.onnx")
     pre_model = qdq.load_graph(pre)
     candidates, _ = qdq.candidate_nodes(pre_model, qc)
-    ctx = StageContext(bundle_dir=bundle, corpus=corpus, records=records, gates={})
-    feeds, _ = calibration_feeds(ctx, module.cfg.mel, qc)
+    ctx = stage_context(bundle, corpus, records, {})
+    feeds = [{"mel": c.mel[None]} for c in ctx.component("vocoder").calibration_clips(qc.calibration_clips,
+                                                                                     qc.crop_seconds)]
     every = qdq.quantize(pre, work / "all.onnx", qc, candidates, work / "ranges.json", feeds)
     clips = quality.gate_clips(corpus, module.cfg.mel, 0.4, split="calib")[:1]
     return {"dir": work, "qc": qc, "pre": pre, "pre_model": pre_model, "every": every, "cache": work / "ranges.json",
