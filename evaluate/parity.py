@@ -7,15 +7,14 @@ number of decoder steps (same prenet masks) for the synthesizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from voxport.evaluate import metrics
 from voxport.models.graph import GraphSpec
-
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+from voxport.runtime.backends.base import Runner
 
 
 def vocoder(

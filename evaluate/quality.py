@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,10 +21,10 @@ from voxport.evaluate.corpus import Corpus, CorpusItem
 from voxport.evaluate.inputs import SpeechClip, speech_clips
 from voxport.models import audio
 from voxport.models import speaker_encoder as se
+from voxport.runtime.backends.base import Runner
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+from voxport.runtime.backends.base import Runner
 
 
 def side_by_side(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], repeats: int = 5,

@@ -10,13 +10,14 @@ same. Norm-like ops square their inputs internally, so their safe output is the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from voxport.runtime.backends.base import Runner
 from voxport.runtime.backends.onnxruntime import SessionSettings, open_session
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
 _SQUARING_OPS = ("ReduceL2", "ReduceSumSquare", "LpNormalization")
 
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass

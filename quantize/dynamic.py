@@ -23,11 +23,9 @@ import copy
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from voxport.errors import ConfigError, GateError
@@ -37,11 +35,11 @@ from voxport.pipeline.passes import Candidate, PassContext, artifact_name
 from voxport.pipeline.records import Record
 from voxport.quantize import qdq, search, torch_dynamic
 from voxport.quantize.config import DYNAMIC_FIELDS, QuantizeConfig
+from voxport.runtime.backends.base import Runner
 
 log = logging.getLogger(__name__)
 
 PRECISION = "int8-dynamic"
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 CONFIG = QuantizeConfig

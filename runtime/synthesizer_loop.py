@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +26,10 @@ from voxport.errors import ConfigError
 from voxport.models.prenet_masks import MaskSource, as_mask_source
 from voxport.models.synthesizer_config import SynthesizerConfig
 from voxport.models.synthesizer_io import STATE_NAMES, zero_decoder_state
+from voxport.runtime.backends.base import Runner
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 # PyTorch helpers that used to live here, still importable from here but loaded (with torch) only
 # when asked for: the torch mask draws and the reference synthesis.

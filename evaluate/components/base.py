@@ -23,10 +23,10 @@ from voxport.evaluate.corpus import Corpus, CorpusItem
 from voxport.models import registry
 from voxport.models.graph import GraphSpec
 from voxport.pipeline.records import Record
+from voxport.runtime.backends.base import Runner
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 Judgement = tuple[dict[str, Any], list[str]]  # (every figure, the failures in words)
 
 

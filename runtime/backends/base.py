@@ -8,7 +8,7 @@ engines is a dict comparison.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,10 @@ import numpy as np
 from voxport.errors import BackendUnavailable
 from voxport.models.checkpoint import sha256_file
 from voxport.pipeline.records import Record
+
+# What every engine's `infer` is, and what the build hands around to judge and time artifacts:
+# numpy feeds keyed by input name in, numpy outputs keyed by output name out.
+Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class Backend(abc.ABC):
