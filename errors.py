@@ -102,6 +102,11 @@ class RequestError(ConfigError):
         self.status = status
 
 
+class UnsupportedFormat(RequestError):
+    """An output audio format this host cannot encode (the message names what is missing); never
+    answered with another format instead."""
+
+
 class UploadError(VoxportError):
     """An upload that cannot be accepted; `status` is the HTTP status to answer with."""
 
@@ -112,3 +117,7 @@ class UploadError(VoxportError):
 
 class Cancelled(VoxportError):
     """Synthesis stopped on request (client gone, request timeout)."""
+
+
+class UnsafeBind(ConfigError):
+    """`voxport serve` would listen on a non-loopback address with no API key (and was not told to)."""

@@ -55,8 +55,8 @@ def bundle(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "stages=export_only", f"out_dir={out}", f"corpus_dir={corpus.root}",
         # One 1 s vocoder clip: its parity reference is a float64 HiFi-GAN (about 4 s per second of audio
         # on one core); 2 x 1.5 s made this fixture half the fast tier's setup.
-        "stack.synthesizer.max_decoder_steps=20", "validation.vocoder_clips=1",
-        "validation.max_clip_seconds=1.0", "validation.synthesizer_steps=12",
+        "stack.synthesizer.max_decoder_steps=20", "validation.vocoder_clips=1", "validation.encoder_clips=1",
+        "validation.max_clip_seconds=1.0", "validation.synthesizer_steps=8",
     )
     return build_bundle(cfg).path
 

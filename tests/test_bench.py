@@ -144,6 +144,7 @@ def test_json_and_markdown_writers(tmp_path: Path) -> None:
         report.write_json({**result, "wall_s": float("nan")}, tmp_path / "nan.json")
 
 
+@pytest.mark.slow  # 2-3 s: the fast tier keeps its siblings
 def test_speed_vs_quality_points_and_charts(tmp_path: Path) -> None:
     rows = [_row("t", 1.0, stage="source", format="torch", quality={}),
             _row("o", 0.5, quality={"wav_snr_db_min": 104.0}),

@@ -18,6 +18,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["no-such-command"]) == 2
 
 
+@pytest.mark.slow  # 2-3 s: the fast tier keeps its siblings
 def test_vocode_real_speech_reports_mr_stft(bundle: Path, corpus, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     item = next(i for i in corpus.items(split="eval") if i.source != "espeak-ng")

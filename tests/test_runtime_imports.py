@@ -58,6 +58,7 @@ def test_serving_path_imports_no_torch() -> None:
     assert out.strip() == "False"
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: about 3 s
 def test_torch_helpers_stay_importable_from_the_loop_module_and_load_torch() -> None:
     # The PyTorch helpers that lived in runtime/synthesizer_loop.py are still importable from it;
     # asking for one is what imports torch.
@@ -73,6 +74,7 @@ def test_torch_helpers_stay_importable_from_the_loop_module_and_load_torch() -> 
     assert out.split() == ["False", "True"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: about 3 s
 def test_opening_a_torch_record_imports_torch(tmp_path: Path) -> None:
     # The torch backend is imported (with torch) only when a torch record is opened; the record
     # here names no real file, so loading then refuses it, after the import.

@@ -226,6 +226,7 @@ def test_synthesis_answers_in_the_voice_asked_for(server: LiveServer, speech: di
     assert sr == 22050 and len(first) == len(wav)
 
 
+@pytest.mark.slow  # 2-3 s: the fast tier keeps its siblings
 def test_synthesis_controls_and_their_ranges(server: LiveServer, speech: dict[str, bytes]) -> None:
     voice = _add(server, speech["b16"])["id"]
     plain, _ = _read_wav(_clone(server, voice_id=voice).content)
@@ -248,6 +249,7 @@ def test_synthesis_controls_and_their_ranges(server: LiveServer, speech: dict[st
         assert field in r.json()["detail"]
 
 
+@pytest.mark.slow  # 2-3 s: the fast tier keeps its siblings
 def test_streaming_sends_chunks_that_make_up_the_audio(server: LiveServer, speech: dict[str, bytes]) -> None:
     voice = _add(server, speech["a16"])
     one_shot, _ = _read_wav(_clone(server, voice_id=voice["id"]).content)

@@ -85,7 +85,7 @@ def mockingbird() -> HiFiGANGenerator:
     return seeded_vocoder(MOCKINGBIRD_16K, seed=0)
 
 
-@pytest.mark.parametrize("frames", [1, 7, 50])
+@pytest.mark.parametrize("frames", [1, 7, pytest.param(50, marks=pytest.mark.slow)])
 def test_output_is_exactly_hop_samples_per_frame(universal, mockingbird, frames):
     mel = torch.full((2, 80, frames), -6.0)
     assert _run(universal, mel).shape == (2, 1, 256 * frames)

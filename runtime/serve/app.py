@@ -2,11 +2,14 @@
 
 Every failure is a status with a message ({"detail": ..., "kind": ...}); none stops the server:
 400/422 bad input, 404 unknown voice, 413 too large, 415 not audio, 503 + Retry-After at
-capacity, 504 past the request timeout. OpenAPI docs at /docs (schema at /openapi.json).
+capacity, 504 past the request timeout; 400 unknown Host, 403 cross-origin, 401 without a valid API key
+(runtime/serve/access.py). Liveness at /health, readiness at /ready. OpenAPI docs at /docs and /redoc,
+served from local assets (the fastapi-offline package), never a CDN; schema at /openapi.json.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +18,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxport.errors import (
@@ -29,6 +35,18 @@ from voxport.errors import (
     UploadError,
     VoiceNotFound,
     VoxportError,
+)
+from voxport.runtime.serve.access import (
+    SCOPE_KEY,
+    ApiKeyAuth,
+    ApiKeys,
+    HostOriginCheck,
+    RequestId,
+    check_exposure,
+    install_request_id_logging,
+    is_open,
+    load_api_keys,
+    request_context,
 )
 from voxport.runtime.serve.routes import router
 from voxport.runtime.serve.service import Service
@@ -141,21 +159,107 @@ class RequestMetrics:
             self.service.telemetry.requests.labels(endpoint, str(status)).observe(time.perf_counter() - start)
 
 
-def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
-    """The app; models and the voice library load here, before any socket is opened."""
+def _docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from the assets fastapi-offline ships: they work offline."""
+    static = importlib.resources.files("fastapi_offline") / "static"
+    app.mount("/docs/static", StaticFiles(directory=str(static)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}/docs/static/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs/static/swagger-ui.css", swagger_favicon_url=f"{root}/docs/static/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None})  # the online validator badge would call out
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{root}/docs/static/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}/docs/static/favicon.png", with_google_fonts=False)
+
+
+def _bearer_in_openapi(app: FastAPI) -> None:
+    """Declare the Bearer scheme, so the docs' Authorize button sends the key (open paths need none)."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values() if is_open(path) else ():
+                    operation["security"] = []
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _not_ready(service: Service, accepting: bool) -> str | None:
+    """Why the service cannot take work now, or None when it can."""
+    if not accepting:
+        return "starting or shutting down"
+    if not service.engine.alive:
+        return "inference workers are down"
+    return None
+
+
+def _access_middleware(app: FastAPI, settings: ServeSettings, service: Service, keys: ApiKeys) -> None:
+    # Added innermost first: RequestId ends up outermost, so every answer, refusals included, has an id.
+    drain_cap = settings.limits.max_upload_bytes + _BODY_SLACK
+    app.add_middleware(BodyLimit, max_bytes=drain_cap)
+    app.add_middleware(ApiKeyAuth, keys=keys, telemetry=service.telemetry, drain_cap=drain_cap)
+    if settings.allowed_origins:  # CORS only for the origins allowed; none by default
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After", "X-Voxport-Weights", "X-Voxport-Warning",
+                                           "X-Voxport-Voice", "X-Voxport-Embedding-Sha256",
+                                           "X-Voxport-Sample-Rate", "X-Voxport-Duration-S"])
+    app.add_middleware(HostOriginCheck, settings=settings, telemetry=service.telemetry, drain_cap=drain_cap)
+    app.add_middleware(RequestMetrics, service=service)
+    app.add_middleware(RequestId)
+
+
+def create_app(settings: ServeSettings, service: Service | None = None, keys: ApiKeys | None = None) -> FastAPI:
+    """The app; models and the voice library load here, before any socket is opened.
+
+    `keys`: the accepted API keys; None reads them as `voxport serve` does (VOXPORT_API_KEYS,
+    serve.api_keys_file).
+    """
+    keys = load_api_keys(settings) if keys is None else keys
     service = service or Service(settings)
+    install_request_id_logging()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.accepting = True
         yield
+        app.state.accepting = False  # /ready answers 503 from here on
         service.close()
 
-    app = FastAPI(title="voxport voice cloning", version="1", lifespan=lifespan, description=(
+    app = FastAPI(title="voxport voice cloning", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description=(
         "Voice cloning over a voxport bundle. Every synthesis answers in the voice asked for (uploaded "
         "reference, stored voice_id or embedding) or with an error; there is no default voice. "
         "Responses name the weights (X-Voxport-Weights): a seeded synthesizer's output is not speech."))
-    app.state.service = service
+    app.state.service, app.state.accepting = service, False
     app.include_router(router)
+    _docs(app)
+    if keys:
+        _bearer_in_openapi(app)
+
+    @app.get("/ready", tags=["service"], responses={503: {"description": "not ready: starting, shutting down "
+                                                               "or workers down"}})
+    async def ready(request: Request) -> JSONResponse:
+        """200 when the bundle is loaded and the inference workers can take work; 503 otherwise."""
+        reason = _not_ready(service, request.app.state.accepting)
+        if reason:
+            return _error(503, "not_ready", reason, {"Retry-After": "1"})
+        return JSONResponse({"status": "ready"})
 
     @app.exception_handler(VoxportError)
     async def voxport_error(request: Request, exc: VoxportError) -> JSONResponse:
@@ -176,13 +280,27 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Runs outside the middleware (Starlette's outermost layer): the request id comes from the scope.
+        request_id = request.scope.get(SCOPE_KEY)
         service.telemetry.errors.labels("internal").inc()
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return _error(500, "internal", f"internal error: {type(exc).__name__}")
+        with request_context(request_id):
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal", f"internal error: {type(exc).__name__}",
+                      {"X-Request-ID": request_id} if request_id else None)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_upload_bytes + _BODY_SLACK)
-    app.add_middleware(RequestMetrics, service=service)
+    _access_middleware(app, settings, service, keys)
     return app
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with the request id on access lines (their format ignores the message)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["access"]["fmt"] += " request=%(request_id)s"
+    return config
 
 
 def serve(cfg: Any) -> None:
@@ -190,9 +308,11 @@ def serve(cfg: Any) -> None:
     import uvicorn
 
     settings = ServeSettings.from_cfg(cfg.serve, cfg.target)
-    if not settings.loopback:
-        log.warning("serving on %s: reachable from other hosts; there is no authentication", settings.host)
-    app = create_app(settings)
-    log.info("voxport serve: http://%s:%d (docs at /docs), bundle %s, voices %s", settings.host, settings.port,
-             settings.bundle_dir, settings.voices_dir)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+    keys = load_api_keys(settings)
+    check_exposure(settings, keys)  # before any model loads: a refusal is quick
+    install_request_id_logging()
+    app = create_app(settings, keys=keys)
+    log.info("voxport serve: http://%s:%d (docs at /docs), bundle %s, voices %s, %s", settings.host, settings.port,
+             settings.bundle_dir, settings.voices_dir, f"{len(keys)} API key(s)" if keys else "no API keys")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10,
+                log_config=_log_config())

@@ -38,6 +38,10 @@ class VocoderBatcher:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        return not self._closed and self._thread.is_alive()
+
+    @property
     def depth(self) -> int:
         return self._queue.qsize()
 

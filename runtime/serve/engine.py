@@ -9,6 +9,7 @@ client disconnects set a flag the synthesizer checks before every decoder step.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import threading
@@ -64,6 +65,7 @@ class Engine:
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="voxport-infer")
         self._lock = threading.Lock()
         self._inflight = 0
+        self._closed = False
         self._latencies: deque[float] = deque(maxlen=32)
 
         def on_batch(size: int, seconds: float) -> None:
@@ -76,6 +78,15 @@ class Engine:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def alive(self) -> bool:
+        """Whether work can run: the pool is open and the vocoder thread is up (/ready)."""
+        return not self._closed and self.batcher.alive
+
+    def _submit(self, job: Callable[[], Any]) -> Any:
+        # In a copy of the request's context: log lines from the worker carry the request id.
+        return self._pool.submit(contextvars.copy_context().run, job)
 
     def _admit(self) -> _Slot:
         with self._lock:
@@ -110,7 +121,7 @@ class Engine:
             finally:
                 slot.release()
 
-        future = self._pool.submit(job)
+        future = self._submit(job)
         future.add_done_callback(lambda _: slot.release())  # also when cancelled before it ran
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), self.settings.request_timeout_s)
@@ -148,7 +159,7 @@ class Engine:
                 slot.release()  # before "end", so a client's next request finds the slot free
             post(*outcome)
 
-        future = self._pool.submit(job)
+        future = self._submit(job)
         future.add_done_callback(lambda _: slot.release())
         try:
             kind, first = await asyncio.wait_for(items.get(), self.settings.request_timeout_s)
@@ -223,5 +234,6 @@ class Engine:
                                   stream_cfg=self.settings.stream, should_stop=should_stop)
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.batcher.close()

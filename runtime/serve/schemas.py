@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,12 +37,12 @@ class StreamingControls(SynthesisControls):
 
 class CloneForm(StreamingControls):
     text: str = Field(min_length=1, description="Text to speak (English or Chinese).")
-    voice_id: str | None = Field(None, description="A stored voice, instead of uploading `reference`.")
+    voice_id: str | None = Field(None, description="A stored voice, instead of uploading `audio` / `reference`.")
 
 
 class BatchForm(SynthesisControls):
     texts: list[str] = Field(min_length=1, description="Texts to speak in the same voice.")
-    voice_id: str | None = Field(None, description="A stored voice, instead of uploading `reference`.")
+    voice_id: str | None = Field(None, description="A stored voice, instead of uploading `audio` / `reference`.")
 
 
 class VoiceForm(BaseModel):
@@ -59,7 +59,35 @@ class EmbeddingSynthesisRequest(StreamingControls):
 
 
 class EmbeddingForm(BaseModel):
-    voice_id: str | None = None
+    voice_id: str | None = Field(None, description="A stored voice, instead of uploading `audio` / `reference`.")
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's `POST /v1/audio/speech` body, with this server's voices (no preset ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=100, pattern=r"^[ -~]*$", description=(
+        "Accepted for OpenAI clients and ignored: this server speaks with its bundle whatever the model "
+        "(echoed in X-Voxport-Model)."))
+    input: str = Field(min_length=1, description="Text to speak (English or Chinese).")
+    voice: str = Field(description=(
+        "The id of a stored voice (POST /api/v1/voices); unknown ids get 404. OpenAI's preset voices "
+        "(alloy, ...) do not exist here."))
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field("mp3", description=(
+        "OpenAI's default mp3. Encoded by libsndfile: wav, pcm (16-bit little-endian mono at the bundle's "
+        "rate, X-Voxport-Sample-Rate) and flac always; mp3 and opus where this host's libsndfile has them "
+        "(opus at 8/12/16/24/48 kHz: a 22.05 kHz bundle's speech is sent at 24 kHz); aac never. A format that "
+        "cannot be made here gets 422. "
+        "wav and pcm are streamed in chunks as they are synthesized."))
+    speed: float = Field(1.0, ge=RATE_RANGE[0], le=RATE_RANGE[1], allow_inf_nan=False, description=(
+        "Speaking rate (this server's speaking_rate: 0.5..2.0, narrower than OpenAI's 0.25..4.0)."))
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What is wrong, as one line for a person.")
+    kind: str = Field(description="validation, bad_request, voice_not_found, invalid_voice_id, too_large, "
+                                  "unsupported_audio, audio, overloaded, timeout")
 
 
 class EmbeddingResponse(BaseModel):

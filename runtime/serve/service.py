@@ -111,12 +111,12 @@ class Service:
     def voice(self, reference: bytes | None, voice_id: str | None) -> VoiceSource:
         """Exactly one of an uploaded reference and a stored voice id."""
         if reference is not None and voice_id:
-            raise RequestError("give either a `reference` upload or a `voice_id`, not both")
+            raise RequestError("give either an `audio` (or `reference`) upload or a `voice_id`, not both")
         if voice_id:
             voice_id = check_voice_id(voice_id)
             return VoiceSource(f"voice:{voice_id}", voice_id=voice_id, embedding=self.library.embedding(voice_id))
         if reference is None:
-            raise RequestError("a voice is required: upload `reference` audio or give a stored `voice_id` "
+            raise RequestError("a voice is required: upload `audio` (or `reference`) or give a stored `voice_id` "
                                "(there is no default voice)")
         return VoiceSource("upload", reference=self.check_upload_size(reference))
 
@@ -124,8 +124,7 @@ class Service:
 
     def reference(self, data: bytes):
         with self.telemetry.stage("decode_audio"):
-            limits = self.settings.limits
-            return read_reference(data, self.encoder_rate, limits.max_upload_bytes, limits.max_clip_seconds)
+            return read_reference(data, self.encoder_rate, self.settings.limits)
 
     def embedding_of(self, source: VoiceSource) -> np.ndarray:
         """Runs on a worker: the stored/given embedding, or the upload decoded and embedded."""
@@ -136,11 +135,12 @@ class Service:
         return self.engine.embed(ref.wav, ref.sample_rate)
 
     def stream_items(self, text: str, source: VoiceSource, controls: Controls,
-                     should_stop: StopCheck) -> Iterator[Any]:
-        """First the response headers (a dict), then WAV bytes: header + PCM chunks."""
+                     should_stop: StopCheck, wav_header: bool = True) -> Iterator[Any]:
+        """First the response headers (a dict), then WAV bytes: header + PCM chunks (bare PCM without
+        `wav_header`)."""
         embedding = self.embedding_of(source)
         yield self.audio_headers(source, embedding)
-        first = True
+        first = wav_header
         for chunk in self.engine.stream(text, embedding, controls, should_stop):
             yield (wav_stream_header(self.sample_rate) if first else b"") + pcm16(chunk)
             first = False

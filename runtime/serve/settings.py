@@ -26,6 +26,11 @@ class Limits:
     max_decoder_steps: int = 1000  # cap on the per-request max_decoder_steps
     max_voices: int = 100  # voice library: count and bytes, least-recently-used evicted beyond
     max_library_bytes: int = 256 * 1024 * 1024
+    # An upload's header (read before decoding) declaring more than these gets 413/422: a few kB of
+    # compressed silence can declare gigabytes of decoded samples.
+    max_sample_rate: int = 192_000
+    max_channels: int = 8
+    max_decoded_samples: int = 2_880_000  # frames x channels: 30 s of 48 kHz stereo
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,11 @@ class ServeSettings:
     default_max_decoder_steps: int | None = None  # None: the bundle's synthesizer setting
     limits: Limits = field(default_factory=Limits)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    # Access control (runtime/serve/access.py). Keys come from VOXPORT_API_KEYS and/or this file.
+    api_keys_file: str | None = None  # one key per line; blank lines and `#` comments ignored
+    allow_unauthenticated_public: bool = False  # serve a non-loopback host with no API key anyway
+    trusted_hosts: tuple[str, ...] = ()  # Host header names accepted; empty: loopback names + `host`
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed (CORS on for them); others get 403
     # Not a `serve` key: the composed `target` node (preference, strict), passed to from_cfg.
     target: TargetConfig = field(default_factory=TargetConfig, metadata={"node": "target"})
 
@@ -53,6 +63,11 @@ class ServeSettings:
             raise ConfigError("serve needs request_timeout_s > 0, vocoder_max_batch >= 1, vocoder_window_ms >= 0")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"serve.port must be in 0..65535, got {self.port}")
+        # From YAML these are lists; tuples keep the settings hashable and immutable.
+        object.__setattr__(self, "trusted_hosts", tuple(str(h) for h in self.trusted_hosts or ()))
+        object.__setattr__(self, "allowed_origins", tuple(str(o) for o in self.allowed_origins or ()))
+        if "*" in self.allowed_origins:
+            raise ConfigError("serve.allowed_origins: list the origins; `*` would let any web page use the service")
 
     @property
     def capacity(self) -> int:
@@ -65,6 +80,11 @@ class ServeSettings:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host == "localhost"
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Host header names accepted: `trusted_hosts`, or the loopback names and the bound host."""
+        return self.trusted_hosts or ("127.0.0.1", "localhost", "::1", self.host)
 
     @classmethod
     def from_cfg(cls, node: Any, target: Any = None) -> ServeSettings:

@@ -3,7 +3,8 @@
 Normalized = mono (channels averaged), resampled to the speaker encoder's rate (soxr), 16-bit PCM
 WAV. The embedding is computed from exactly the samples of that WAV, so re-embedding a stored
 reference reproduces its stored embedding. Each failure is an `UploadError` carrying its HTTP
-status: 413 too large, 415 not decodable as audio, 422 empty / too long / non-finite.
+status: 413 too large (bytes, or decoded samples as the header declares them), 415 not decodable
+as audio, 422 empty / too long / non-finite / too many channels / too high a sample rate.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import io
 import logging
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 
 from voxport.errors import AudioError, UploadError
 from voxport.models.audio import load_wav
+
+if TYPE_CHECKING:
+    from voxport.runtime.serve.settings import Limits
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,23 @@ def encode_wav(wav: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def read_reference(data: bytes, sample_rate: int, max_bytes: int, max_seconds: float) -> Reference:
+def check_header(info: sf._SoundFileInfo, limits: Limits) -> None:
+    """The decoded size as the header declares it, checked before anything is decoded."""
+    if info.samplerate > limits.max_sample_rate:
+        raise UploadError(422, f"the reference declares {info.samplerate} Hz; at most "
+                               f"serve.limits.max_sample_rate = {limits.max_sample_rate} Hz is accepted")
+    if info.channels > limits.max_channels:
+        raise UploadError(422, f"the reference declares {info.channels} channels; at most "
+                               f"serve.limits.max_channels = {limits.max_channels} are accepted")
+    samples = info.frames * info.channels
+    if samples > limits.max_decoded_samples:
+        raise UploadError(413, f"the reference would decode to {samples} samples ({info.frames} frames x "
+                               f"{info.channels} channels); at most serve.limits.max_decoded_samples = "
+                               f"{limits.max_decoded_samples} are accepted")
+
+
+def read_reference(data: bytes, sample_rate: int, limits: Limits) -> Reference:
+    max_bytes, max_seconds = limits.max_upload_bytes, limits.max_clip_seconds
     if len(data) == 0:
         raise UploadError(422, "the uploaded reference file is empty")
     if len(data) > max_bytes:
@@ -54,6 +75,7 @@ def read_reference(data: bytes, sample_rate: int, max_bytes: int, max_seconds: f
                                f"supported formats: {formats}") from None
     if info.frames <= 0 or info.samplerate <= 0:
         raise UploadError(422, "the reference file holds no audio samples")
+    check_header(info, limits)
     duration = info.frames / info.samplerate
     if duration > max_seconds:
         raise UploadError(422, f"the reference is {duration:.1f} s long; at most {max_seconds:g} s is accepted")
