@@ -90,6 +90,15 @@ class VoiceNotFound(VoxportError):
     """No voice with that id in the library."""
 
 
+class VoiceQuarantined(VoiceNotFound):
+    """A stored voice whose files failed verification (missing, wrong size or sha256, undecodable):
+    moved aside with the evidence, answered 410 instead of being served or failing with a 500."""
+
+
+class ShuttingDown(Overloaded):
+    """The service is draining for shutdown: it admits no new work (503 + Retry-After)."""
+
+
 class LibraryFull(VoxportError):
     """The voice alone exceeds the library's byte limit (eviction cannot make room)."""
 
@@ -117,6 +126,19 @@ class UploadError(VoxportError):
 
 class Cancelled(VoxportError):
     """Synthesis stopped on request (client gone, request timeout)."""
+
+
+class ClientGone(Cancelled):
+    """The client disconnected before its (non-streaming) answer was ready; the work was stopped."""
+
+
+class BudgetExceeded(RequestError):
+    """A request needs (or has used) more work than a `serve.limits` budget allows (413); `limit`
+    names the setting. Refused whole, never truncated: a short WAV would pass for a complete one."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(f"{message} (serve.limits.{limit})", status=413)
+        self.limit = limit
 
 
 class UnsafeBind(ConfigError):

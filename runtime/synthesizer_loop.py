@@ -120,7 +120,8 @@ def run_host_loop(run_encoder: Runner, run_decoder_step: Runner, run_postnet: Ru
     mel = run_postnet({"mel": decoder_mel})["mel_post"]
     lengths = trim_lengths(mel, cfg.stop_threshold)
     if not stopped and stop_on_token:
-        log.info("synthesizer reached max_decoder_steps=%d without the stop token", steps_cap)
+        # DEBUG: once per text fragment (hundreds for one long request); the request's own line is INFO.
+        log.debug("synthesizer reached max_decoder_steps=%d without the stop token", steps_cap)
     return SynthesisResult(mel=mel, decoder_mel=decoder_mel, stops=np.stack(stops),
                            alignments=np.stack(alignments), lengths=lengths, n_steps=len(frames),
                            stopped=stopped)

@@ -383,13 +383,13 @@ def test_metrics_cover_latency_stages_rtf_queue_and_errors(server: LiveServer, s
 
 
 def test_library_evicts_least_recently_used_and_reconciles(tmp_path: Path) -> None:
-    emb = np.ones(256, np.float32) / 16
+    emb, ref = np.ones(256, np.float32) / 16, _wav(np.zeros(28, np.float32), 16000)  # a real 100-byte WAV
     lib = VoiceLibrary(tmp_path, max_voices=2, max_bytes=10_000)
-    v1, _ = lib.add(b"a" * 100, emb, duration_s=1, sample_rate=16000, encoder_sha256="x")
-    v2, _ = lib.add(b"b" * 100, emb * 2, duration_s=1, sample_rate=16000, encoder_sha256="x")
+    v1, _ = lib.add(ref, emb, duration_s=1, sample_rate=16000, encoder_sha256="x")
+    v2, _ = lib.add(ref, emb * 2, duration_s=1, sample_rate=16000, encoder_sha256="x")
     time.sleep(0.01)
     lib.touch(v1.id)  # v2 is now the least recently used
-    v3, evicted = lib.add(b"c" * 100, emb, duration_s=1, sample_rate=16000, encoder_sha256="x")
+    v3, evicted = lib.add(ref, emb, duration_s=1, sample_rate=16000, encoder_sha256="x")
     assert evicted == [v2.id] and {v.id for v in lib.list()} == {v1.id, v3.id}
     assert not (tmp_path / "voices" / v2.id).exists()
     with pytest.raises(LibraryFull):

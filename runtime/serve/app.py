@@ -1,9 +1,13 @@
 """`voxport serve`: the FastAPI app over a bundle, its error mapping, body limit and metrics.
 
 Every failure is a status with a message ({"detail": ..., "kind": ...}); none stops the server:
-400/422 bad input, 404 unknown voice, 413 too large, 415 not audio, 503 + Retry-After at
-capacity, 504 past the request timeout; 400 unknown Host, 403 cross-origin, 401 without a valid API key
-(runtime/serve/access.py). Liveness at /health, readiness at /ready. OpenAPI docs at /docs and /redoc,
+400/422 bad input, 404 unknown voice, 410 quarantined (damaged) voice, 413 too large, 415 not
+audio, 503 + Retry-After at capacity or while shutting down, 504 past the request timeout;
+400 unknown Host, 403 cross-origin, 401 without a valid API key
+(runtime/serve/access.py). Liveness at /health, readiness at /ready.
+One INFO log line per request (method, path, status, duration, request id); details are DEBUG.
+On SIGTERM/SIGINT the service stops admitting (503, /ready 503), lets admitted work finish within
+the request timeout, then exits. OpenAPI docs at /docs and /redoc,
 served from local assets (the fastapi-offline package), never a CDN; schema at /openapi.json.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,14 +31,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxport.errors import (
     AudioError,
+    ClientGone,
     ConfigError,
     InvalidVoiceId,
     LibraryFull,
     Overloaded,
     RequestError,
     RequestTimeout,
+    ShuttingDown,
     UploadError,
     VoiceNotFound,
+    VoiceQuarantined,
     VoxportError,
 )
 from voxport.runtime.serve.access import (
@@ -66,7 +74,9 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
 def _status(exc: Exception) -> tuple[int, str]:
     """HTTP status and error kind of an exception raised while serving a request."""
     table: list[tuple[type, int, str]] = [
-        (Overloaded, 503, "overloaded"), (RequestTimeout, 504, "timeout"), (VoiceNotFound, 404, "voice_not_found"),
+        (ShuttingDown, 503, "shutting_down"), (Overloaded, 503, "overloaded"), (RequestTimeout, 504, "timeout"),
+        (ClientGone, 499, "cancelled"),  # nginx's "client closed request": nobody reads it, metrics count it
+        (VoiceQuarantined, 410, "voice_quarantined"), (VoiceNotFound, 404, "voice_not_found"),
         (InvalidVoiceId, 422, "invalid_voice_id"), (LibraryFull, 413, "library_full"), (AudioError, 422, "audio"),
     ]
     if isinstance(exc, UploadError):
@@ -134,7 +144,8 @@ class BodyLimit:
 
 
 class RequestMetrics:
-    """Latency per route and status, to the last byte of the response (streams included)."""
+    """Latency per route and status, to the last byte of the response (streams included), and the
+    request's one INFO log line (inside RequestId: the line starts with the request id)."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app, self.service = app, service
@@ -156,7 +167,9 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
-            self.service.telemetry.requests.labels(endpoint, str(status)).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.service.telemetry.requests.labels(endpoint, str(status)).observe(seconds)
+            log.info("%s %s %d %.3fs", scope["method"], scope["path"], status, seconds)
 
 
 def _docs(app: FastAPI) -> None:
@@ -200,7 +213,7 @@ def _bearer_in_openapi(app: FastAPI) -> None:
 
 def _not_ready(service: Service, accepting: bool) -> str | None:
     """Why the service cannot take work now, or None when it can."""
-    if not accepting:
+    if not accepting or service.engine.draining:
         return "starting or shutting down"
     if not service.engine.alive:
         return "inference workers are down"
@@ -238,7 +251,11 @@ def create_app(settings: ServeSettings, service: Service | None = None, keys: Ap
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.accepting = True
         yield
-        app.state.accepting = False  # /ready answers 503 from here on
+        # uvicorn has waited for open responses; work whose client left may still run: wait for it too.
+        begin_shutdown(app)
+        if not await service.engine.drain(settings.request_timeout_s):
+            log.warning("shutdown: %d admitted request(s) still running after %g s; stopping them",
+                        service.engine.inflight, settings.request_timeout_s)
         service.close()
 
     app = FastAPI(title="voxport voice cloning", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -292,6 +309,32 @@ def create_app(settings: ServeSettings, service: Service | None = None, keys: Ap
     return app
 
 
+def begin_shutdown(app: FastAPI) -> None:
+    """Stop admitting work: /ready and new inference requests answer 503 from here on."""
+    service: Service = app.state.service
+    if not service.engine.draining:
+        log.info("shutting down: admitting no new work; %d admitted request(s) finishing", service.engine.inflight)
+    app.state.accepting = False
+    service.engine.stop_admitting()
+
+
+def _server(app: FastAPI, settings: ServeSettings) -> Any:
+    """uvicorn, draining on SIGTERM/SIGINT: admission stops at the signal (not after uvicorn's wait),
+    open requests get up to the request timeout, then the lifespan drains the engine and closes."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            begin_shutdown(app)
+            super().handle_exit(sig, frame)
+
+    # access_log off: RequestMetrics logs each request once, with its duration and id.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=int(math.ceil(settings.request_timeout_s)) + 5,
+                            log_config=_log_config())
+    return Server(config)
+
+
 def _log_config() -> dict[str, Any]:
     """uvicorn's logging, with the request id on access lines (their format ignores the message)."""
     import copy
@@ -305,8 +348,6 @@ def _log_config() -> dict[str, Any]:
 
 def serve(cfg: Any) -> None:
     """Entry point of `voxport serve` (Hydra config with a `serve` node)."""
-    import uvicorn
-
     settings = ServeSettings.from_cfg(cfg.serve, cfg.target)
     keys = load_api_keys(settings)
     check_exposure(settings, keys)  # before any model loads: a refusal is quick
@@ -314,5 +355,4 @@ def serve(cfg: Any) -> None:
     app = create_app(settings, keys=keys)
     log.info("voxport serve: http://%s:%d (docs at /docs), bundle %s, voices %s, %s", settings.host, settings.port,
              settings.bundle_dir, settings.voices_dir, f"{len(keys)} API key(s)" if keys else "no API keys")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10,
-                log_config=_log_config())
+    _server(app, settings).run()

@@ -5,7 +5,11 @@ Layout under `root`: `index.sqlite3` (the index, and the commit point of every c
 full under tmp/, fsynced and renamed into voices/ before its index row is committed; a delete
 commits the index first and then removes the directory. On start, directories without an index
 row (a crash before the commit) are removed, so the index and the disk agree and a restart loses
-nothing that was ever acknowledged. Ids are server-made (uuid4 hex) and checked against a strict
+nothing that was ever acknowledged. Then every indexed voice is verified (its files exist, their
+size and the embedding's sha256 are the index's, both decode): a voice that fails is quarantined,
+i.e. moved to `quarantine/<id>/` with a `reason.json` (the evidence is kept, for a person to look
+at), dropped from the index and recorded, so requests for it get a clear 410 rather than a 500.
+Ids are server-made (uuid4 hex) and checked against a strict
 pattern before any path is built from them.
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from voxport.errors import ConfigError, InvalidVoiceId, LibraryFull, VoiceNotFound, VoxportError
+from voxport.errors import ConfigError, InvalidVoiceId, LibraryFull, VoiceNotFound, VoiceQuarantined
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,11 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS voices (
     id TEXT PRIMARY KEY, name TEXT, ref_text TEXT, created REAL NOT NULL, last_used REAL NOT NULL,
     duration_s REAL NOT NULL, sample_rate INTEGER NOT NULL, bytes INTEGER NOT NULL,
     embedding_sha256 TEXT NOT NULL, encoder_sha256 TEXT NOT NULL)"""
+# Voices that failed verification: kept out of `voices` (never served, not counted) but remembered,
+# so that a request for one says what happened to it.
+_QUARANTINE_SCHEMA = """CREATE TABLE IF NOT EXISTS quarantined (
+    id TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL, path TEXT NOT NULL)"""
+_META_SLACK = 1024  # `bytes` in the index: reference + embedding file sizes + this (for meta.json)
 _COLUMNS = ("id", "name", "ref_text", "created", "last_used", "duration_s", "sample_rate", "bytes",
             "embedding_sha256", "encoder_sha256")
 
@@ -92,7 +101,8 @@ class VoiceLibrary:
         self.root = Path(root)
         self.max_voices, self.max_bytes = int(max_voices), int(max_bytes)
         self._voices, self._tmp = self.root / "voices", self.root / "tmp"
-        for path in (self._voices, self._tmp):
+        self._quarantine = self.root / "quarantine"
+        for path in (self._voices, self._tmp, self._quarantine):
             path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()  # one sqlite connection, shared by threads
         # One server per library: a second one would delete the first one's uncommitted writes.
@@ -105,7 +115,9 @@ class VoiceLibrary:
         self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._db.execute(_QUARANTINE_SCHEMA)
         self._reconcile()
+        self._verify_all()
 
     def _reconcile(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -115,12 +127,67 @@ class VoiceLibrary:
             if entry.name not in ids:
                 log.warning("voice library: removing %s (written but never committed to the index)", entry.name)
                 shutil.rmtree(entry, ignore_errors=True)
-        for voice_id in ids:
-            if not (self._voices / voice_id / "embedding.npy").is_file():
-                log.error("voice library: %s is indexed but its files are missing; dropping it", voice_id)
-                self._db.execute("DELETE FROM voices WHERE id = ?", (voice_id,))
+
+    def _verify_all(self) -> None:
+        """Quarantine every indexed voice whose files are not what the index records (see the module doc)."""
+        bad = [(voice, reason) for voice in self.list() if (reason := self._check(voice)) is not None]
+        for voice, reason in bad:
+            self.quarantine(voice.id, reason)
         count, size = self.stats()
-        log.info("voice library %s: %d voices, %d bytes", self.root, count, size)
+        log.info("voice library %s: %d voices, %d bytes, %d quarantined now (%d in all)", self.root, count, size,
+                 len(bad), len(self.quarantined()))
+
+    def _check(self, voice: Voice) -> str | None:
+        """Why a stored voice cannot be served as the index records it, or None when it can."""
+        import soundfile as sf
+
+        folder = self._voices / voice.id
+        files = [folder / "reference.wav", folder / "embedding.npy"]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        size = sum(f.stat().st_size for f in files) + _META_SLACK
+        if size != voice.bytes:
+            return f"size {size} bytes, the index records {voice.bytes}"
+        try:
+            embedding = np.load(files[1], allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            return f"embedding.npy does not decode: {exc}"
+        if embedding_sha256(embedding) != voice.embedding_sha256:
+            return "embedding sha256 differs from the index's"
+        try:
+            sf.read(files[0], dtype="float32")
+        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+            return f"reference.wav does not decode: {exc}"
+        return None
+
+    def quarantine(self, voice_id: str, reason: str) -> None:
+        """Move a voice's files aside (kept as evidence), drop it from the index and record why."""
+        check_voice_id(voice_id)
+        with self._lock:
+            target = self._quarantine / voice_id
+            if target.exists():  # quarantined before under the same id: keep both
+                target = self._quarantine / f"{voice_id}.{time.time_ns()}"
+            source = self._voices / voice_id
+            if source.exists():
+                os.rename(source, target)
+            else:
+                target.mkdir()
+            (target / "reason.json").write_text(json.dumps({"id": voice_id, "reason": reason, "at": time.time()}))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM voices WHERE id = ?", (voice_id,))
+                self._db.execute("INSERT OR REPLACE INTO quarantined (id, reason, at, path) VALUES (?, ?, ?, ?)",
+                                 (voice_id, reason, time.time(), str(target)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        log.error("voice library: quarantined voice %s (%s); its files are in %s", voice_id, reason, target)
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT id, reason, at, path FROM quarantined ORDER BY at")
+        return [{"id": i, "reason": r, "at": a, "path": p} for i, r, a, p in rows]
 
     # ------------------------------------------------------------------ reads
 
@@ -140,18 +207,36 @@ class VoiceLibrary:
         check_voice_id(voice_id)
         rows = self._query(f"SELECT {', '.join(_COLUMNS)} FROM voices WHERE id = ?", (voice_id,))
         if not rows:
+            self._raise_if_quarantined(voice_id)
             raise VoiceNotFound(f"no voice with id {voice_id}")
         return Voice(*rows[0])
 
+    def _raise_if_quarantined(self, voice_id: str) -> None:
+        rows = self._query("SELECT reason FROM quarantined WHERE id = ?", (voice_id,))
+        if rows:
+            raise VoiceQuarantined(f"voice {voice_id} is quarantined: its stored files are damaged ({rows[0][0]}); "
+                                   "add the voice again")
+
     def embedding(self, voice_id: str) -> np.ndarray:
         voice = self.get(voice_id)
-        embedding = np.load(self._voices / voice.id / "embedding.npy", allow_pickle=False)
+        try:
+            embedding = np.load(self._voices / voice.id / "embedding.npy", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            self._damaged(voice.id, f"embedding.npy does not decode: {exc}")
         if embedding_sha256(embedding) != voice.embedding_sha256:
-            raise VoxportError(f"voice {voice.id}: stored embedding does not match its index entry")
+            self._damaged(voice.id, "embedding sha256 differs from the index's")
         return embedding
 
+    def _damaged(self, voice_id: str, reason: str) -> None:
+        # Damaged while serving (after the startup check): the same quarantine, and a 410 from now on.
+        self.quarantine(voice_id, reason)
+        self._raise_if_quarantined(voice_id)
+
     def reference_path(self, voice_id: str) -> Path:
-        return self._voices / self.get(voice_id).id / "reference.wav"
+        path = self._voices / self.get(voice_id).id / "reference.wav"
+        if not path.is_file():
+            self._damaged(voice_id, "missing reference.wav")
+        return path
 
     # ----------------------------------------------------------------- writes
 
@@ -172,7 +257,7 @@ class VoiceLibrary:
                 np.save(handle, embedding, allow_pickle=False)
                 handle.flush()
                 os.fsync(handle.fileno())
-            size = sum(p.stat().st_size for p in staging.iterdir()) + 1024  # + meta.json, roughly
+            size = sum(p.stat().st_size for p in staging.iterdir()) + _META_SLACK  # + meta.json, roughly
             meta["bytes"] = size
             _fsync_write(staging / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1).encode())
             if size > self.max_bytes:

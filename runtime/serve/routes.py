@@ -35,7 +35,7 @@ UPLOAD_FIELDS = ("reference", "audio")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 _ERRORS = {
-    404: "no voice with that id", 413: "body, upload or decoded audio over a limit",
+    404: "no voice with that id", 413: "body, upload or decoded audio over a limit, or text over the work budget",
     415: "not decodable as audio (or a body type the endpoint does not take)",
     422: "invalid input: unknown or out-of-range field, bad text, unusable audio, unsupported format",
     503: "at capacity (Retry-After)", 504: "past the request timeout",
@@ -88,7 +88,8 @@ def _audio_response(service: Service, wav: np.ndarray, source: VoiceSource, embe
 
 
 async def _synthesis(service: Service, text: str, source: VoiceSource, controls: Controls, stream: bool,
-                     endpoint: str, fmt: OutputFormat = FORMATS["wav"]) -> Response:
+                     endpoint: str, fmt: OutputFormat = FORMATS["wav"], request: Request | None = None) -> Response:
+    service.check_budget([text], controls)  # 413 before any work
     if stream:
         assert fmt.streams, fmt.name
         items = await service.engine.open_stream(
@@ -112,7 +113,8 @@ async def _synthesis(service: Service, text: str, source: VoiceSource, controls:
         wav = service.engine.synthesize([text], embedding, controls, stop)[0]
         return embedding, wav, time.perf_counter() - start
 
-    embedding, wav, seconds = await service.engine.run(job)
+    disconnected = request.is_disconnected if request is not None else None
+    embedding, wav, seconds = await service.engine.run(job, disconnected)
     if source.voice_id:
         service.library.touch(source.voice_id)
     return _audio_response(service, wav, source, embedding, endpoint, seconds, fmt)
@@ -120,10 +122,12 @@ async def _synthesis(service: Service, text: str, source: VoiceSource, controls:
 
 @router.get("/health", response_model=schemas.Health, tags=["service"])
 async def health(request: Request, response: Response) -> dict:
-    """What serves each graph (backend, precision, artifact sha256, why) and whether weights are real."""
+    """What serves each graph (backend, precision, artifact sha256, why), whether weights are real and
+    which stored voices are quarantined (damaged files)."""
     service = _service(request)
     response.headers.update(service.weight_headers())
-    return service.health()
+    # Voices that failed verification (moved aside, answered 410): an operator's to look at.
+    return {**service.health(), "quarantined": service.library.quarantined()}
 
 
 @router.get("/metrics", tags=["service"], response_class=Response)
@@ -161,7 +165,7 @@ async def clone_voice(request: Request, form: Annotated[schemas.CloneForm, Form(
     service = _service(request)
     text, controls = service.check_text(form.text), service.controls(form)
     source = service.voice(await _read(service, _upload(reference, audio)), form.voice_id)
-    return await _synthesis(service, text, source, controls, form.stream, "clone-voice")
+    return await _synthesis(service, text, source, controls, form.stream, "clone-voice", request=request)
 
 
 def _embedding_request_body() -> dict[str, Any]:
@@ -230,7 +234,8 @@ async def synthesize_with_embedding(request: Request) -> Response:
     body = await _embedding_request(request)
     text, controls = service.check_text(body.text), service.controls(body)
     source = VoiceSource("embedding", embedding=service.check_embedding(body.embedding))
-    return await _synthesis(service, text, source, controls, body.stream, "synthesize-with-embedding")
+    return await _synthesis(service, text, source, controls, body.stream, "synthesize-with-embedding",
+                            request=request)
 
 
 @router.post("/api/v1/batch-synthesize", response_model=schemas.BatchResponse, tags=["synthesis"],
@@ -245,6 +250,7 @@ async def batch_synthesize(request: Request, form: Annotated[schemas.BatchForm, 
         raise RequestError(f"{len(form.texts)} texts; at most {limit} per batch")
     texts = [service.check_text(t) for t in form.texts]
     controls = service.controls(form)
+    service.check_budget(texts, controls)  # one budget for all the texts
     source = service.voice(await _read(service, _upload(reference, audio)), form.voice_id)
 
     def job(stop):
@@ -252,7 +258,7 @@ async def batch_synthesize(request: Request, form: Annotated[schemas.BatchForm, 
         embedding = service.embedding_of(source)
         return embedding, service.engine.synthesize(texts, embedding, controls, stop), time.perf_counter() - start
 
-    embedding, wavs, seconds = await service.engine.run(job)
+    embedding, wavs, seconds = await service.engine.run(job, request.is_disconnected)
     if source.voice_id:
         service.library.touch(source.voice_id)
     total = sum(len(w) for w in wavs) / service.sample_rate
@@ -281,7 +287,7 @@ async def audio_speech(request: Request, body: schemas.SpeechRequest) -> Respons
     text = service.check_text(body.input)
     controls = service.controls(schemas.SynthesisControls(speaking_rate=body.speed))
     source = service.voice(None, body.voice)  # 404 for an unknown id: never another voice
-    response = await _synthesis(service, text, source, controls, fmt.streams, "audio-speech", fmt)
+    response = await _synthesis(service, text, source, controls, fmt.streams, "audio-speech", fmt, request)
     if body.model is not None:
         response.headers["X-Voxport-Model"] = f"{body.model} (ignored: this server speaks with its bundle)"
     return response

@@ -151,3 +151,4 @@ class Health(BaseModel):
     capacity: dict[str, int]
     library: dict[str, int]
     limits: dict[str, Any]
+    quarantined: list[dict[str, Any]] = []  # stored voices that failed verification (id, reason, at, path)

@@ -17,6 +17,7 @@ import numpy as np
 
 from voxport.errors import RequestError, UploadError
 from voxport.models import text as text_frontend
+from voxport.runtime.budget import WorkBudget
 from voxport.runtime.cloner import VoiceCloner
 from voxport.runtime.serve.engine import Controls, Engine, StopCheck
 from voxport.runtime.serve.library import VoiceLibrary, check_voice_id, embedding_sha256
@@ -90,6 +91,14 @@ class Service:
         return Controls(style_idx=form.style_idx, seed=form.seed, speaking_rate=form.speaking_rate,
                         pitch_semitones=form.pitch_semitones, stop_threshold=form.stop_threshold,
                         max_decoder_steps=steps)
+
+    def check_budget(self, texts: list[str], controls: Controls) -> WorkBudget:
+        """413 before admission when the texts' fragments cannot fit the request's work budget even if
+        each stops as early as the stop rule allows; the limit is enforced again step by step."""
+        budget = self.engine.budget(controls)
+        fragments = sum(len(text_frontend.encode_text(t, self.cloner.synth_cfg.n_symbols)) for t in texts)
+        budget.check_plan(fragments, controls.max_decoder_steps or self.default_steps)
+        return budget
 
     def check_embedding(self, values: list[float]) -> np.ndarray:
         embedding = np.asarray(values, dtype=np.float32)

@@ -23,7 +23,10 @@ class Limits:
     max_clip_seconds: float = 30.0  # longest reference clip accepted (before VAD trimming)
     max_text_chars: int = 500
     max_batch_texts: int = 16
-    max_decoder_steps: int = 1000  # cap on the per-request max_decoder_steps
+    max_decoder_steps: int = 1000  # cap on the per-request max_decoder_steps (it bounds one text fragment)
+    # The work one request may do, summed over its fragments and batch items (runtime/budget.py): 413 beyond.
+    max_request_decoder_steps: int = 3000  # about 70 s of audio at r=2, hop 256, 22.05 kHz
+    max_request_audio_seconds: float = 60.0
     max_voices: int = 100  # voice library: count and bytes, least-recently-used evicted beyond
     max_library_bytes: int = 256 * 1024 * 1024
     # An upload's header (read before decoding) declaring more than these gets 413/422: a few kB of
@@ -45,6 +48,9 @@ class ServeSettings:
     request_timeout_s: float = 120.0
     vocoder_max_batch: int = 8
     vocoder_window_ms: float = 10.0  # how long the vocoder waits for more work to batch
+    # Whole-utterance mels are vocoded in chunks of this many frames (+ stream.vocoder_context on each
+    # side): bounded memory per call, cancellable between chunks, and a short request waits one chunk.
+    vocoder_chunk_frames: int = 128
     default_max_decoder_steps: int | None = None  # None: the bundle's synthesizer setting
     limits: Limits = field(default_factory=Limits)
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -61,6 +67,10 @@ class ServeSettings:
             raise ConfigError("serve needs workers >= 1, queue_size >= 0 and threads >= 0")
         if self.request_timeout_s <= 0 or self.vocoder_max_batch < 1 or self.vocoder_window_ms < 0:
             raise ConfigError("serve needs request_timeout_s > 0, vocoder_max_batch >= 1, vocoder_window_ms >= 0")
+        if self.vocoder_chunk_frames < 1:
+            raise ConfigError(f"serve.vocoder_chunk_frames must be >= 1, got {self.vocoder_chunk_frames}")
+        if self.limits.max_request_decoder_steps < 1 or self.limits.max_request_audio_seconds <= 0:
+            raise ConfigError("serve.limits needs max_request_decoder_steps >= 1 and max_request_audio_seconds > 0")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"serve.port must be in 0..65535, got {self.port}")
         # From YAML these are lists; tuples keep the settings hashable and immutable.

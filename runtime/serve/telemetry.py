@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _RTF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20)
@@ -16,6 +16,9 @@ class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ... from /proc/self.
+        # The default registry has this collector; this one is our own registry, so it needs its own.
+        ProcessCollector(registry=r)
         self.requests = Histogram("voxport_request_seconds", "HTTP request latency (to the last byte)",
                                   ["endpoint", "status"], buckets=_LATENCY_BUCKETS, registry=r)
         self.stages = Histogram("voxport_stage_seconds", "time per pipeline stage", ["stage"],
