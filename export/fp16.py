@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from onnx import helper
 from voxport.errors import ConfigError, GateError
 from voxport.export.ranges import RangeLimits, TensorRange, fp32_nodes, instrumented
 from voxport.pipeline.passes import Candidate, PassContext, known_settings
-from voxport.pipeline.records import Record
+from voxport.pipeline.records import Record, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +168,8 @@ def reference_ranges(parent: Record, model: onnx.ModelProto, ctx: PassContext, c
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 CONFIG = Fp16Config

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from voxport.models.checkpoint import sha256_file
-from voxport.pipeline.records import Record, atomic_write_text
+from voxport.pipeline.records import Record, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,8 @@ class StageCache:
 
 
 def _copy_atomic(src: Path, dst: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return dst
 
 

@@ -16,6 +16,7 @@ stage passed, so a failed build leaves the previous bundle untouched and nothing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ from voxport.models.stack import load_stack
 from voxport.pipeline import cache as stage_cache
 from voxport.pipeline.passes import Candidate, PassContext, PassKind, isolated, pass_kind
 from voxport.pipeline.records import Record, now_iso, tool_versions, write_manifest, write_record
+from voxport.pipeline.schema import build
 
 log = logging.getLogger(__name__)
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -61,9 +63,7 @@ class TimingConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TimingConfig:
-        from voxport.pipeline.passes import known_settings
-
-        return cls(**known_settings(cls, data or {}, "timing", ignored=()))
+        return build(cls, data or {}, "timing")
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,14 @@ def _code() -> str:
 _CODE: dict[str, str] = {}
 
 
+@functools.cache
+def _host() -> Any:
+    """This machine, probed once per process (timing keys and TensorRT backends need it)."""
+    from voxport.runtime.host import detect
+
+    return detect()
+
+
 # ---------------------------------------------------------------------------------------------
 # Judging and timing
 
@@ -406,9 +414,7 @@ def _options(ctx: BuildContext, record: Record, level: str | None = None) -> dic
             settings = settings.with_overrides(graph_optimization=level)
         return {"settings": settings}
     if record.format == "trt":
-        from voxport.runtime.host import detect
-
-        return {"host": detect()}
+        return {"host": _host()}
     return {}
 
 
@@ -419,9 +425,7 @@ def time_artifact(ctx: BuildContext, record: Record, parent: Record, component: 
     recorded in `speed.session` for every consumer (runtime, bench, serve) to open it with."""
     import platform
 
-    from voxport.runtime.host import detect
-
-    host = detect()
+    host = _host()
     digest = stage_cache.key({
         "time": record.sha256, "parent": parent.sha256 if time_parent else None, "source": component.source.sha256,
         "timing": dataclasses.asdict(ctx.timing), "threads": ctx.threads, "seed": ctx.seed,

@@ -9,7 +9,6 @@ same build see the same real speech and the same texts.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,13 +42,9 @@ class ValidationConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ValidationConfig:
-        data = dict(data or {})
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"validation: unknown settings {unknown}")
-        if "texts" in data:
-            data["texts"] = tuple(str(t) for t in data["texts"])
-        return cls(**data)
+        from voxport.pipeline.schema import build
+
+        return build(cls, data or {}, "validation")
 
 
 @dataclass(frozen=True)
@@ -91,11 +86,9 @@ class SearchJudge(abc.ABC):
 
 def gate_fields(cls: type, data: Mapping[str, Any], where: str) -> Any:
     """A gate / tolerance dataclass from its config node; unknown keys are named, never dropped."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown settings {unknown} (known: {sorted(known)})")
-    return cls(**dict(data))
+    from voxport.pipeline.schema import build
+
+    return build(cls, data, where)
 
 
 class Component(abc.ABC):
