@@ -32,6 +32,8 @@ COMMANDS = {
     "vocode": "copy synthesis: wav -> mel -> vocoder -> wav (real HiFi-GAN weights)",
     "doctor": "describe this host and which artifact each component would use",
     "corpus": "assemble the real-speech corpus from Debian packages",
+    "package": "package a bundle for deployment: format=triton out=DIR writes a Triton model repository",
+    "profile": "where an ONNX artifact's time goes (ORT profiler): per op type and node, achieved vs peak ops/s",
 }
 
 
@@ -278,6 +280,49 @@ def cmd_doctor(argv: list[str]) -> int:
 
     _, target, bundle = parse_selection(selection_parser("doctor"), argv)
     print(report(bundle, target.preference, strict=target.strict))
+    return 0
+
+
+def cmd_profile(argv: list[str]) -> int:
+    from voxport.benchmarks.profiler import ProfileConfig, markdown, profile_bundle
+
+    ap = argparse.ArgumentParser(prog="voxport profile", description=COMMANDS["profile"], epilog=(
+        "The artifact is opened as the runtime opens it (its record's speed.session) and fed SECONDS of held-out "
+        "real speech; writes <bundle>/profiles/<artifact>.json and .md. Peaks are theoretical: cores x clock x "
+        "OP/cycle/core from the CPU flags (README, Profiling)."))
+    ap.add_argument("--bundle", type=Path, default=None, help="bundle (default: the config's out_dir)")
+    ap.add_argument("--artifact", action="append", default=None, metavar="FILE",
+                    help="ONNX artifact file of the bundle, repeatable (default: every ONNX vocoder)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds of held-out speech fed (default 3)")
+    ap.add_argument("--top", type=int, default=15, help="nodes listed by time (default 15)")
+    ap.add_argument("--repeats", type=int, default=5, help="profiled runs, medians over them (default 5)")
+    ap.add_argument("--threads", type=int, default=0, help="pin intra-op threads (default: the record's)")
+    ap.add_argument("--corpus", default=None, help="real-speech corpus directory (default: the usual one)")
+    args = ap.parse_args(argv)
+    if args.bundle is None:
+        from voxport.pipeline.schema import RunConfig
+
+        args.bundle = Path(RunConfig.from_cfg(compose([])).out_dir)
+    cfg = ProfileConfig(seconds=args.seconds, top=args.top, repeats=args.repeats, threads=args.threads)
+    for profile, paths in profile_bundle(args.bundle, args.artifact, cfg, args.corpus):
+        print(markdown(profile, args.top) + "\n\nwrote " + ", ".join(map(str, paths)) + "\n")
+    return 0
+
+
+def cmd_package(argv: list[str]) -> int:
+    from voxport.export.triton.repository import SETTINGS_HELP, PackageConfig, package_triton, parse_settings
+
+    ap = argparse.ArgumentParser(prog="voxport package", description=COMMANDS["package"], epilog=SETTINGS_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--force", action="store_true", help="replace a non-empty out directory (same as force=true)")
+    ap.add_argument("settings", nargs="*", metavar="key=value", help="format=triton out=DIR [bundle_dir=DIR] ...")
+    args = ap.parse_intermixed_args(argv)
+    settings = parse_settings(args.settings) | ({"force": "true"} if args.force else {})
+    if "bundle_dir" not in settings:
+        from voxport.pipeline.schema import RunConfig
+
+        settings["bundle_dir"] = RunConfig.from_cfg(compose([])).out_dir
+    print(package_triton(PackageConfig.from_settings(settings, Path(settings["bundle_dir"]))).summary())
     return 0
 
 

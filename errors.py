@@ -143,3 +143,16 @@ class BudgetExceeded(RequestError):
 
 class UnsafeBind(ConfigError):
     """`voxport serve` would listen on a non-loopback address with no API key (and was not told to)."""
+
+
+class ReplicaUnavailable(Overloaded):
+    """A Ray Serve replica serving a component could not be reached or died while working (its node
+    was lost, it is restarting): 503 + Retry-After, never a 500 with a traceback; a retry reaches a live one."""
+
+
+# Packaging
+
+
+class PackageError(VoxportError):
+    """A deployable package (e.g. a Triton model repository) cannot be written as asked: a config that
+    does not match its graph, a missing state pair, an existing non-empty output directory."""

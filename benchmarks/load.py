@@ -8,6 +8,10 @@ until the total request count or the duration is reached. The report gives throu
 and seconds of audio per second), latency percentiles of the successful requests, time to first
 audio chunk (mode `stream`), counts by HTTP status, and the Retry-After values of 503 answers.
 Only loopback URLs are accepted: this is a local benchmark, not a tool to load other hosts.
+
+Any engine serving the API can be the target: `voxport serve` or `voxport serve serve.engine=ray`
+(Ray Serve's HTTP proxy, serve.port). The report's `server` says which one it measured (engine, and
+for Ray the replicas per deployment and the nodes they run on), read from /health before the load.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class LoadReport:
     status: dict[str, int]
     retry_after: list[int] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # transport errors by exception type
+    server: dict[str, Any] = field(default_factory=dict)  # what served the load (/health: engine, replicas)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +76,16 @@ def check_loopback(url: str) -> str:
     if not loop:
         raise ValueError(f"{url}: the load test only targets loopback addresses (127.0.0.1, ::1, localhost)")
     return url.rstrip("/")
+
+
+def describe_server(url: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The engine behind `url` and, for Ray, each deployment's replica count and nodes (from /health)."""
+    health = httpx.get(f"{url}/health", timeout=timeout).json()
+    deployments = {name: {"replicas": len(d.get("replicas", [])),
+                          "nodes": sorted({r.get("node_ip") or "?" for r in d.get("replicas", [])})}
+                   for name, d in health.get("deployments", {}).items() if "replicas" in d}
+    return {"engine": health.get("engine", "local"), "deployments": deployments,
+            "workers": health.get("capacity", {}).get("workers")}
 
 
 def create_voice(url: str, reference: Path, timeout: float = 120.0) -> str:
@@ -193,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("created voice %s from %s", voice_id, args.reference)
     if args.mode == "embedding":
         embedding = httpx.get(f"{url}/api/v1/voices/{voice_id}", timeout=args.timeout).json()["embedding"]
+    server = describe_server(url)
     report = run_load(url, args.clients, args.requests, args.duration, args.mode, args.text, voice_id, embedding,
                       args.max_decoder_steps, args.timeout)
+    report.server = server
     text = json.dumps(report.to_dict(), indent=2)
     sys.stdout.write(text + "\n")
     if args.out:

@@ -6,7 +6,11 @@ graph, text front end, synthesizer host loop until the stop token or the decoder
 length, postnet, vocoder. Its RTF divides by the seconds of waveform that came out.
 
 Time to first audio: reference embedding, then the first chunk of `VoiceCloner.stream` (the
-runtime's streaming path: decoder step by step, windowed postnet and vocoder). Where the runtime
+runtime's streaming path: decoder step by step, windowed postnet and vocoder), chunked as the job's
+`stream` (`serve.stream`) says; the embedding alone is timed too (`embed_ms`: what a stored voice
+saves), and one whole stream is timed chunk by chunk (`playback`: the gaps a listener would hear if
+playback started with the first chunk, in real time: a small first chunk is worth nothing if the
+next one comes after it has played). Where the runtime
 has no `stream`, it is emulated by what a streaming path could not avoid before its first sound:
 embedding, synthesizer encoder, the first N decoder steps covering `first_chunk_s`, the postnet
 over those frames, and vocoding them; the row's `input.ttfa_method` says which was measured.
@@ -68,8 +72,12 @@ def pipeline_job(job: dict[str, Any]) -> list[dict[str, Any]]:
                     first, method = first_chunk_fn(cloner, reference, m["text"], steps, seed, job, meta)
                     figures = measure(first, 0.0, job, sync)
                     chunk_s = float(first().size) / cloner.sample_rate
+                    embed = measure(lambda: cloner.embed(reference, 16000), 0.0, job, sync)
                     figures |= {"audio_s": None, "rtf": None, "rtf_p95": None, "x_realtime": None}
-                    described |= {"ttfa_method": method, "first_chunk_s": chunk_s}
+                    described |= {"ttfa_method": method, "first_chunk_s": chunk_s, "stream": job.get("stream") or {},
+                                  "embed_ms": 1000.0 * embed["median_s"]}
+                    if method == "stream":
+                        described["playback"] = playback(cloner, reference, m["text"], steps, seed, job)
                 rows.append({"id": f"{kind} | {'>'.join(preference)} | {device} | {label}", "kind": kind,
                              "graph": kind, "length": label, "input": described, **common, **figures})
     finally:
@@ -81,9 +89,13 @@ def first_chunk_fn(cloner: Any, reference: np.ndarray, text: str, steps: int, se
                    meta: dict[str, Any]) -> tuple[Any, str]:
     """(call returning the first waveform chunk, "stream" | "emulated"); see the module docstring."""
     if hasattr(cloner, "stream"):
+        from voxport.runtime.streaming import StreamConfig
+
+        stream_cfg = StreamConfig(**job["stream"]) if job.get("stream") else None
+
         def first() -> np.ndarray:
             chunks = cloner.stream(text, cloner.embed(reference, 16000), style_idx=0, seed=seed,
-                                   max_decoder_steps=steps)
+                                   max_decoder_steps=steps, stream_cfg=stream_cfg)
             try:
                 return next(iter(chunks))
             finally:
@@ -98,6 +110,33 @@ def first_chunk_fn(cloner: Any, reference: np.ndarray, text: str, steps: int, se
         return cloner.vocode(mel)
 
     return emulated, "emulated"
+
+
+def playback(cloner: Any, reference: np.ndarray, text: str, steps: int, seed: int,
+             job: dict[str, Any]) -> dict[str, Any]:
+    """One whole stream, each chunk's arrival timed: played from the first chunk's arrival in real time,
+    the silence a listener hears where a chunk arrives after the audio before it has played."""
+    from voxport.runtime.streaming import StreamConfig
+
+    stream_cfg = StreamConfig(**job["stream"]) if job.get("stream") else None
+    start = time.perf_counter()
+    arrivals, seconds = [], []
+    for chunk in cloner.stream(text, cloner.embed(reference, 16000), style_idx=0, seed=seed,
+                               max_decoder_steps=steps, stream_cfg=stream_cfg):
+        arrivals.append(time.perf_counter() - start)
+        seconds.append(chunk.size / cloner.sample_rate)
+    return {"chunks": len(arrivals), "audio_s": sum(seconds), "last_chunk_ms": 1000.0 * arrivals[-1],
+            **stalls(arrivals, seconds)}
+
+
+def stalls(arrivals: list[float], seconds: list[float]) -> dict[str, float]:
+    """Gaps (ms) in real-time playback that starts when the first chunk arrives: total and worst."""
+    clock, total, worst = arrivals[0], 0.0, 0.0
+    for arrived, duration in zip(arrivals, seconds, strict=True):
+        gap = max(0.0, arrived - clock)
+        total, worst = total + gap, max(worst, gap)
+        clock = max(clock, arrived) + duration
+    return {"stall_ms": 1000.0 * total, "worst_gap_ms": 1000.0 * worst}
 
 
 def _joined(served: dict[str, dict[str, Any]], key: str) -> str:

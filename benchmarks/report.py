@@ -68,6 +68,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# voxport bench, {result['created']}", "",
         f"- host: {host['cpu_model']} ({host['usable_cores']} usable cores; {flags}); GPU: {gpus}",
         f"- peak FP32 estimate: {host['peak_fp32_flops'] / 1e9:.0f} GFLOP/s = {host['peak_method']}",
+        *([f"- peak INT8 estimate (theoretical): {host['peak_int8_ops'] / 1e9:.0f} GOP/s = {host['peak_int8_method']}"]
+          if host.get("peak_int8_ops") else []),
         f"- threads: {result['threads']} (torch.set_num_threads and ONNX Runtime intra-op, per job process)",
         f"- timing per row: {cfg['warmup']} untimed warm-up call(s) (the first reported as first run), then "
         f"{cfg['min_repeats']} to {cfg['repeats']} timed runs (no more once {cfg['budget_s']:.0f} s are spent); "
@@ -111,15 +113,26 @@ def _pipeline_tables(result: dict[str, Any]) -> list[str]:
             f"| {row['p95_s']:.2f} | {_f(row['rtf'], '{:.3f}')} | {_f(row['x_realtime'], '{:.2f}')} "
             f"| {_f(row.get('speedup_vs_torch_fp32'), '{:.2f}x')} | {row['load_s']:.2f} | {row['peak_rss_mb']:.0f} |")
     lines += ["", "## Time to first audio", "",
-              "| preference | input | measured as | first chunk s | median ms | p95 ms | min-max ms | vs torch |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+              "From the reference recording to the first waveform chunk: reference embedding + synthesizer "
+              "encoder + the decoder steps, postnet window and vocoder call of the first chunk (`serve.stream`). "
+              "A stored voice skips the embedding (its own column). Playback gaps: one whole stream played in "
+              "real time from its first chunk, the silence where a chunk came after the audio before it had played.",
+              "",
+              "| preference | input | measured as | first chunk s | median ms | p95 ms | min-max ms "
+              "| of which embedding ms | playback gaps ms (worst) | vs torch |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in (r for r in result["rows"] if r["kind"] == "ttfa"):
         lines.append(
             f"| {row['backend']} | {row['length']} | {row['input']['ttfa_method']} "
             f"| {row['input']['first_chunk_s']:.2f} | {row['median_s'] * 1e3:.0f} "
             f"| {row['p95_s'] * 1e3:.0f} | {row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f} "
+            f"| {_f(row['input'].get('embed_ms'), '{:.0f}')} | {_gaps(row['input'].get('playback'))} "
             f"| {_f(row.get('speedup_vs_torch_fp32'), '{:.2f}x')} |")
     return lines
+
+
+def _gaps(playback: dict[str, Any] | None) -> str:
+    return f"{playback['stall_ms']:.0f} ({playback['worst_gap_ms']:.0f})" if playback else "-"
 
 
 def quality_point(row: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:

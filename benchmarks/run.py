@@ -39,8 +39,13 @@ METHOD = [
     "steps run through the real host loop with state fed back, stop token ignored).",
     "End to end = VoiceCloner.clone (reference front end, text front end, synthesizer until stop or "
     "the step cap of that length, vocoder); its RTF divides by the seconds of waveform produced.",
-    "Time to first audio: reference embedding + the first chunk of VoiceCloner.stream (decoder step by "
-    "step, windowed postnet and vocoder), on the artifacts the cloner picks for that preference; where "
+    "Time to first audio (TTFA): from the reference recording to the first waveform chunk, i.e. reference "
+    "embedding (speaker-encoder front end and graph) + synthesizer encoder + the decoder steps the first chunk "
+    "needs + its postnet window + its vocoder call, through VoiceCloner.stream with `serve.stream` (the row's "
+    "input.stream; first_chunk_frames sets the first chunk), on the artifacts the cloner picks for that "
+    "preference. A stored voice (voice library) skips the embedding: input.embed_ms says what it costs. "
+    "input.playback: one whole stream played in real time from its first chunk, the gaps where a chunk came "
+    "after the audio before it had played (a first chunk too small for the vocoder's speed shows here); where "
     "the runtime has no stream(), emulated as embedding + encoder + the first decoder steps covering "
     "first_chunk_s + postnet over them + vocoding them (the row's input.ttfa_method says which).",
     "Peak RSS: VmHWM of the job's process, reset (/proc/self/clear_refs) before each row, so it is that "
@@ -84,7 +89,7 @@ def run_bench(cfg: Any) -> BenchRun:
         inputs = prepare(corpus, records, bundle, lengths, float(b.e2e.reference_s), top.seed)
         inputs.save(Path(tmp) / "inputs")
         jobs, skipped = plan_jobs(records, b, bundle, Path(tmp) / "inputs", threads, top.seed, cuda,
-                                  host["onnxruntime_providers"])
+                                  host["onnxruntime_providers"], stream=stream_settings(cfg))
         rows, errors = [], []
         for i, job in enumerate(tqdm(jobs, desc="bench", unit="job")):
             try:
@@ -110,10 +115,23 @@ def job_name(job: dict[str, Any]) -> str:
     return f"end to end {'>'.join(job['preference'])}"
 
 
+def stream_settings(cfg: Any) -> dict[str, Any]:
+    """`serve.stream` (runtime/streaming.py StreamConfig) as a dict: time to first audio is measured
+    with the chunking the service streams with."""
+    import dataclasses as dc
+
+    from voxport.pipeline.schema import build
+    from voxport.runtime.streaming import StreamConfig
+
+    return dc.asdict(build(StreamConfig, cfg.serve.stream, "serve.stream"))
+
+
 def plan_jobs(records: list[Record], b: Any, bundle: Path, inputs_dir: Path, threads: int, seed: int,
-              cuda: bool, providers: list[str] | tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+              cuda: bool, providers: list[str] | tuple[str, ...],
+              stream: dict[str, Any] | None = None) -> tuple[list[dict], list[dict]]:
     """One job per (artifact, graph, device), then one pipeline job (end to end, time to first
-    audio) per preference order; a TensorRT engine on a host without CUDA is skipped, and said so."""
+    audio, streamed with `stream`: StreamConfig fields, default its defaults) per preference order;
+    a TensorRT engine on a host without CUDA is skipped, and said so."""
     b = BenchConfig.from_cfg(b)
     common = {"bundle": str(bundle), "inputs": str(inputs_dir), "threads": threads, "seed": seed,
               "warmup": int(b.warmup), "repeats": int(b.repeats), "min_repeats": int(b.min_repeats),
@@ -143,7 +161,7 @@ def plan_jobs(records: list[Record], b: Any, bundle: Path, inputs_dir: Path, thr
             jobs.append({**common, "kind": "pipeline", "preference": list(preference), "strict": b.e2e.strict,
                          "lengths": [str(x) for x in b.e2e.lengths],
                          "ttfa_lengths": [str(x) for x in b.e2e.ttfa_lengths],
-                         "first_chunk_s": float(b.e2e.first_chunk_s)})
+                         "first_chunk_s": float(b.e2e.first_chunk_s), "stream": dict(stream or {})})
     return jobs, skipped
 
 

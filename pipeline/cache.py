@@ -77,6 +77,7 @@ class StageCache:
                 copied.append(_copy_atomic(entry / record.file, bundle_dir / record.file))
                 if sha256_file(bundle_dir / record.file) != record.sha256:
                     raise OSError(f"{record.file}: cached copy does not match its sha256")
+                copied += [_copy_atomic(entry / name, bundle_dir / name) for name in sidecars(record)]
         except OSError as exc:
             log.warning("stage cache entry %s unusable (%s): running the pass", digest[:12], exc)
             for path in copied:
@@ -97,7 +98,8 @@ class StageCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}.", dir=parent))
         try:
             for record in records:
-                shutil.copyfile(bundle_dir / record.file, tmp / record.file)
+                for name in (record.file, *sidecars(record)):
+                    shutil.copyfile(bundle_dir / name, tmp / name)
             (tmp / "records.json").write_text(json.dumps([r.to_dict() for r in records], default=_json) + "\n")
             os.rename(tmp, entry)  # atomic; fails if another build stored the same entry first
         except OSError:
@@ -122,6 +124,16 @@ class StageCache:
     def store(self, digest: str, data: dict[str, Any]) -> None:
         if self.root is not None:
             atomic_write_text(self.root / "judgements" / f"{digest}.json", json.dumps(data, default=_json) + "\n")
+
+
+def sidecars(record: Record) -> list[str]:
+    """Files a pass wrote beside its artifact for people (a loss curve PNG), named in the record's
+    `config.sidecars`: cached and restored with it. Plain names inside the bundle only."""
+    names = [str(n) for n in (record.config or {}).get("sidecars", [])]
+    for name in names:
+        if not name or Path(name).name != name or name.startswith("."):
+            raise OSError(f"{record.file}: sidecar '{name}' is not a plain file name in the bundle")
+    return names
 
 
 def _copy_atomic(src: Path, dst: Path) -> Path:

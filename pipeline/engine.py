@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,11 +59,36 @@ class TimingConfig:
     repeats: int = 5  # at least this many interleaved rounds per timing ...
     min_seconds: float = 0.0  # ... and more for short workloads, until the slowest ran this long
     seconds: float = 3.0  # length of the real-speech input
-    session_levels: tuple[str, ...] = ("all", "extended")  # ONNX Runtime graph optimizations tried
+    # ONNX Runtime session settings tried side by side (every combination); the fastest is recorded.
+    session_levels: tuple[str, ...] = ("all", "extended")  # graph optimizations (`all` adds NCHWc layout)
+    session_threads: tuple[int, ...] = (0,)  # intra-op threads; 0: the build's (target.threads)
+    session_spinning: tuple[bool, ...] = (False,)  # busy-waiting worker threads
+
+    def __post_init__(self) -> None:
+        for name in ("session_levels", "session_threads", "session_spinning"):
+            values = tuple(getattr(self, name) or ())
+            if not values:
+                raise ConfigError(f"timing.{name} needs at least one value")
+            object.__setattr__(self, name, values)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TimingConfig:
         return build(cls, data or {}, "timing")
+
+
+def session_variants(timing_cfg: TimingConfig, build_threads: int) -> list[dict[str, Any]]:
+    """Every combination of `timing.session_*` to time, as SessionSettings overrides, in a stable order."""
+    return [{"graph_optimization": level, "intra_op_threads": threads or build_threads, "allow_spinning": spin}
+            for level in timing_cfg.session_levels for threads in timing_cfg.session_threads
+            for spin in timing_cfg.session_spinning]
+
+
+def variant_label(overrides: Mapping[str, Any], variants: Sequence[Mapping[str, Any]]) -> str:
+    """A short name for one session variant: only the settings that vary in this trial (the level alone
+    by default, as records have always named it)."""
+    varying = [k for k in overrides if len({repr(v[k]) for v in variants}) > 1] or ["graph_optimization"]
+    names = {"graph_optimization": "{}", "intra_op_threads": "{}t", "allow_spinning": "spin={}"}
+    return ",".join(names[k].format(str(overrides[k]).lower()) for k in varying)
 
 
 @dataclass(frozen=True)
@@ -244,7 +269,8 @@ def run_stage(ctx: BuildContext, kind_name: str, parent: Record, settings: Mappi
         records = isolated(judge_and_time)(ctx, kind, candidate, parent, component)
     except BaseException:
         for r in candidate.records:
-            (ctx.bundle_dir / r.file).unlink(missing_ok=True)
+            for name in (r.file, *stage_cache.sidecars(r)):  # a loss-curve PNG goes with its model
+                (ctx.bundle_dir / name).unlink(missing_ok=True)
         raise
     for record in records:
         write_record(record, ctx.bundle_dir)
@@ -403,15 +429,15 @@ def _integer_check(candidate: Candidate) -> list[str]:
     return failures
 
 
-def _options(ctx: BuildContext, record: Record, level: str | None = None) -> dict[str, Any]:
+def _options(ctx: BuildContext, record: Record, variant: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Backend options for judging and timing in the build: the runtime's own backends, with the
-    build's threads (and, for timing, the graph optimization level under trial)."""
+    build's threads (and, for timing, the session settings under trial)."""
     if record.format == "onnx":
         from voxport.runtime.backends.onnxruntime import SessionSettings
 
         settings = SessionSettings(intra_op_threads=ctx.threads)
-        if level is not None:
-            settings = settings.with_overrides(graph_optimization=level)
+        if variant is not None:
+            settings = settings.with_overrides(**variant)
         return {"settings": settings}
     if record.format == "trt":
         return {"host": _host()}
@@ -421,8 +447,9 @@ def _options(ctx: BuildContext, record: Record, level: str | None = None) -> dic
 def time_artifact(ctx: BuildContext, record: Record, parent: Record, component: Component,
                   time_parent: bool = True) -> dict[str, Any]:
     """Speed of `record` vs PyTorch FP32 and vs its parent, interleaved in this process. ONNX
-    artifacts are timed under each `timing.session_levels` graph optimization and the fastest is
-    recorded in `speed.session` for every consumer (runtime, bench, serve) to open it with."""
+    artifacts are timed under every combination of `timing.session_*` settings (graph optimization
+    and layout, threads, spinning) and the fastest is recorded in `speed.session`, with the median of
+    every variant, for every consumer (runtime, bench, serve) to open it with: no setting assumed."""
     import platform
 
     host = _host()
@@ -439,9 +466,9 @@ def time_artifact(ctx: BuildContext, record: Record, parent: Record, component: 
     feed = component.timing_feed(record.graph, ctx.timing.seconds)
     opened = []
 
-    def runner(r: Record, level: str | None = None) -> Any:
+    def runner(r: Record, variant: Mapping[str, Any] | None = None) -> Any:
         # A parent is timed as it serves: with the session settings its own timing recorded.
-        options = {} if level is None and (r.speed or {}).get("session") else _options(ctx, r, level)
+        options = {} if variant is None and (r.speed or {}).get("session") else _options(ctx, r, variant)
         backend = open_backend(r, ctx.bundle_dir, graph=record.graph, **options)
         opened.append(backend)
         return feed.wrap(backend.infer)
@@ -450,21 +477,22 @@ def time_artifact(ctx: BuildContext, record: Record, parent: Record, component: 
         runners = {"torch_fp32": feed.wrap(component.reference_runner(record.graph))}
         if parent.stage != "source" and parent.graph in (record.graph, "*") and time_parent:
             runners["parent"] = runner(parent)
-        levels = ctx.timing.session_levels if record.format == "onnx" else (None,)
-        for level in levels:
-            runners[f"artifact:{level}"] = runner(record, level)
+        variants = session_variants(ctx.timing, ctx.threads) if record.format == "onnx" else []
+        labels = {variant_label(v, variants): v for v in variants} or {None: None}
+        for label, variant in labels.items():
+            runners[f"artifact:{label}"] = runner(record, variant)
         t = timing.side_by_side(runners, feed.feed, max(1, ctx.timing.repeats), min_seconds=ctx.timing.min_seconds)
     finally:
         for backend in opened:
             backend.close()
-    best = min(levels, key=lambda lv: t[f"artifact:{lv}"]["median_s"])
+    best = min(labels, key=lambda lb: t[f"artifact:{lb}"]["median_s"])
     speed = timing.speed_from_timings(t, feed.audio_seconds, f"artifact:{best}",
                                       "parent" if "parent" in t else None)
     if "parent" in t:
         speed["parent_speedup_vs_torch_fp32"] = speed["torch_fp32_median_s"] / speed["parent_median_s"]
     if best is not None:
-        speed["session"] = {**_options(ctx, record, best)["settings"].to_dict(),
-                            "medians_s": {lv: t[f"artifact:{lv}"]["median_s"] for lv in levels}}
+        speed["session"] = {**_options(ctx, record, labels[best])["settings"].to_dict(),
+                            "medians_s": {lb: t[f"artifact:{lb}"]["median_s"] for lb in labels}}
     speed.update({"measured": True, "threads": ctx.threads, "input": feed.describe, "measured_on": now_iso()})
     ctx.cache.store(digest, speed)
     return speed

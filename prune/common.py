@@ -45,7 +45,11 @@ def pruned_candidate(parent: Record, parent_module: nn.Module, pruned: nn.Module
         component=parent.component, graph=parent.graph if parent.graph != "*" else config.graph, format="torch",
         precision="fp32", file=path.name, sha256="", weights=parent.weights, stage="prune", parent=parent.file,
         parent_sha256=parent.sha256, model=model, contract=parent.contract,
-        config={**config.to_dict(), "pruning": details, "size": size}, sparsity=float(sparsity), speed=size)
-    tuned = "fine-tuned" if details.get("finetune") else "no fine-tune"
+        config={**config.to_dict(), "pruning": details, "size": size,
+                "sidecars": [details["distill"]["curve_png"]] if details.get("distill") else []},
+        sparsity=float(sparsity), speed=size)
+    distilled = details.get("distill")
+    tuned = ("distilled" + (" (TIME CAP HIT)" if distilled["time_cap_hit"] else "") if distilled
+             else "fine-tuned" if details.get("finetune") else "no fine-tune")
     return Candidate([draft], {"label": f"{stem} ({details['method']}, sparsity {sparsity:.2f}, {tuned})",
                                "pruning": details, "size": size})

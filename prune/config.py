@@ -28,6 +28,17 @@ class PruneConfig:
     finetune_seconds: float = 0.0  # optional copy-synthesis fine-tune after structured pruning
     finetune_lr: float = 1e-5
     finetune_target: str = "fp32"  # fp32 (the teacher's output) | recording
+    # Block-wise distillation after structured pruning (prune/distill.py): per level, a least-squares
+    # re-fit of every convs2 from the student's own activations, then `distill_steps` Adam steps.
+    distill: bool = False
+    distill_steps: int = 0  # Adam steps per level after the re-fit (fixed: the run is deterministic)
+    distill_seconds: float = 600.0  # wall-time cap; when hit, training stops and the record says so
+    distill_lr: float = 1e-5
+    distill_clips: int = 16  # calibration clips (calib split, wideband first) the crops come from
+    distill_crops: int = 32  # random crops drawn once (seeded); activations cached per level
+    distill_crop_frames: int = 32
+    distill_batch: int = 4
+    distill_damp: float = 0.1  # ridge of the re-fit, towards the pair's current (OBS) weights
     graph: str = ""
 
     def __post_init__(self) -> None:
@@ -42,6 +53,21 @@ class PruneConfig:
                 raise ConfigError(f"prune.{name} must be a number in [0, 1), got {value!r}")
         if self.calibration_clips < 1 or self.calibration_seconds <= 0 or self.finetune_seconds < 0:
             raise ConfigError("prune.calibration_clips must be >= 1, calibration_seconds > 0, finetune_seconds >= 0")
+        ints = ("distill_steps", "distill_clips", "distill_crops", "distill_crop_frames", "distill_batch")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "distill_steps" else 1):
+                raise ConfigError(f"prune.{name} must be an integer >= {0 if name == 'distill_steps' else 1}, "
+                                  f"got {value!r}")
+        if self.distill_batch > self.distill_crops:
+            raise ConfigError(f"prune.distill_batch ({self.distill_batch}) cannot exceed prune.distill_crops "
+                              f"({self.distill_crops})")
+        for name in ("distill_seconds", "distill_lr", "distill_damp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"prune.{name} must be a number > 0, got {value!r}")
+        if not isinstance(self.distill, bool):
+            raise ConfigError(f"prune.distill must be true or false, got {self.distill!r}")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> PruneConfig:

@@ -13,6 +13,7 @@ distance +0.3 dB and PESQ -0.1 vs FP32; figures are increase / drop vs FP32; 12 
 (+0.27, +0.16 dB), so the preset removes 10 %. The fine-tune hook does not rescue more here: on
 2 shared CPU cores it manages ~4-5 steps a minute, and 120 s at lr 1e-5 moved 15 % from +0.25 to
 +0.28 dB (lr 1e-4 made 20 % worse, +0.72 -> +2.8 dB): recovering quality needs a GPU-sized budget.
+`prune.distill=true` adds block-wise recovery (prune/distill.py); it has not made 15-20 % pass yet.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from voxport.pipeline.records import Record
 from voxport.prune.channels import prune_vocoder
 from voxport.prune.common import load_parent, pruned_candidate
 from voxport.prune.config import PruneConfig
+from voxport.prune.distill import distill, save_curve
 from voxport.prune.finetune import finetune
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,19 @@ def transform(parent: Record, config: PruneConfig, ctx: PassContext) -> Candidat
     mels = [torch.from_numpy(c.mel[None].astype(np.float32)) for c in clips]
     pruned, details = prune_vocoder(teacher, fraction, config.importance, config.allocation, mels, damp=config.damp)
     details["calibration_clips"] = [c.id for c in clips]
+    stem = f"{parent.component}_pruned_{config.importance}_structured_{round(100 * fraction)}"
+    if config.distill:
+        stem += "_distilled"
+        speech = ctx.component.calibration_clips(config.distill_clips, config.calibration_seconds)
+        result = distill(pruned, teacher, speech, config.distill_steps, config.distill_seconds, lr=config.distill_lr,
+                         crop_frames=config.distill_crop_frames, crops=config.distill_crops,
+                         batch=config.distill_batch, seed=ctx.seed, damp=config.distill_damp)
+        result["clips"] = [c.id for c in speech]
+        result["curve_png"] = save_curve(result, ctx.bundle_dir / f"{stem}.distill.png").name
+        details["distill"] = result
     if config.finetune_seconds > 0:
         details["finetune"] = finetune(pruned, teacher, clips, config.finetune_seconds, lr=config.finetune_lr,
                                        seed=ctx.seed, target=config.finetune_target)
     base_params = sum(p.numel() for p in teacher.parameters())
     sparsity = 1.0 - sum(p.numel() for p in pruned.parameters()) / base_params  # weights removed
-    stem = f"{parent.component}_pruned_{config.importance}_structured_{round(100 * fraction)}"
     return pruned_candidate(parent, teacher, pruned, config, ctx, stem, sparsity, details)

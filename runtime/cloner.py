@@ -67,6 +67,7 @@ class Served:
 def open_graph(
     records: Sequence[Record], bundle_dir: Path, component: str, graph: str,
     preference: Sequence[str], strict: bool = False, threads: int = 0, host: Host | None = None,
+    cpu_arena: str | None = None,
 ) -> tuple[Backend, Served]:
     """Select and load the artifact serving one graph; log what serves it and why.
 
@@ -76,7 +77,7 @@ def open_graph(
     """
     host = host or detect()
     choices = ranked(records, component, graph, host, preference, strict=strict)
-    backend, choice, reason = open_first(choices, bundle_dir, graph, host, threads, strict)
+    backend, choice, reason = open_first(choices, bundle_dir, graph, host, threads, strict, cpu_arena)
     record = choice.record
     # ONNX Runtime: the session settings really used (recorded by the build, `threads` pinned over them).
     settings = getattr(backend, "settings", None)
@@ -92,10 +93,11 @@ class VocoderOnly:
     """Just the vocoder of a bundle: copy synthesis (`voxport vocode`) and benchmarks."""
 
     def __init__(self, bundle_dir: str | Path, preference: Sequence[str] = DEFAULT_PREFERENCE,
-                 strict: bool = False, threads: int = 0, host: Host | None = None) -> None:
+                 strict: bool = False, threads: int = 0, host: Host | None = None,
+                 cpu_arena: str | None = None) -> None:
         records = read_bundle(Path(bundle_dir))
         self._backend, self.served = open_graph(
-            records, Path(bundle_dir), "vocoder", "vocoder", preference, strict, threads, host
+            records, Path(bundle_dir), "vocoder", "vocoder", preference, strict, threads, host, cpu_arena
         )
         served = next(r for r in records if r.file == self.served.file)  # its contract: the mel it takes
         self.mel_cfg = MelConfig.from_dict(served.contract["mel"])
@@ -110,16 +112,19 @@ class VoiceCloner:
     def __init__(
         self, bundle_dir: str | Path, preference: Sequence[str] = DEFAULT_PREFERENCE,
         strict: bool = False, threads: int = 0, host: Host | None = None,
+        graphs: Sequence[tuple[str, str]] = GRAPHS, cpu_arena: str | None = None,
     ) -> None:
+        """`graphs`: the graphs to load (default all); a Ray Serve replica of one component
+        (runtime/serve/ray/) loads only its own, and only the methods needing them work."""
         self.bundle_dir = Path(bundle_dir)
         records = read_bundle(self.bundle_dir)
         host = host or detect()  # probed once for all graphs
         self._backends: dict[str, Backend] = {}
         self.served: dict[str, Served] = {}
-        for component, graph in GRAPHS:
+        for component, graph in graphs:
             key = f"{component}/{graph}"
             self._backends[key], self.served[key] = open_graph(
-                records, self.bundle_dir, component, graph, preference, strict, threads, host
+                records, self.bundle_dir, component, graph, preference, strict, threads, host, cpu_arena
             )
         by_component = {r.component: r for r in records if r.stage == "source"}
         self.encoder_cfg = se.SpeakerEncoderConfig.from_dict(by_component["speaker_encoder"].model["config"])
@@ -135,8 +140,12 @@ class VoiceCloner:
         """Reference speech -> 256-d unit embedding. AudioError if too little voiced speech."""
         processed = se.preprocess_wav(np.asarray(wav, dtype=np.float32), sample_rate, self.encoder_cfg)
         mels = se.partial_mels(processed, self.encoder_cfg).astype(np.float32)
-        partials = self._backends["speaker_encoder/speaker_encoder"].infer({"mels": mels})["embeddings"]
-        return se.mean_embedding(partials)
+        return se.mean_embedding(self.embed_partials(mels))
+
+    def embed_partials(self, mels: np.ndarray) -> np.ndarray:
+        """Partial-utterance mels (n, frames, n_mels) -> their (n, dim) embeddings: the encoder graph alone
+        (a Ray Serve encoder replica runs several requests' partials in one call)."""
+        return self._backends["speaker_encoder/speaker_encoder"].infer({"mels": mels})["embeddings"]
 
     def _check_embedding(self, embedding: np.ndarray) -> np.ndarray:
         embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -194,6 +203,19 @@ class VoiceCloner:
         overlap is trimmed (see runtime/streaming.py). `vocode` replaces `self.vocode` (the
         service passes its batching vocoder). Text and embedding are checked before any work.
         """
+        scfg = stream_cfg or streaming.StreamConfig()
+        mels = self.stream_mels(text, embedding, style_idx, seed, max_decoder_steps, min_stop_token, rate,
+                                pitch_semitones, scfg, should_stop)
+        yield from streaming.vocoded_chunks(mels, vocode or self.vocode, self.mel_cfg.hop_length, scfg)
+
+    def stream_mels(
+        self, text: str, embedding: np.ndarray, style_idx: int = 0, seed: int = 0,
+        max_decoder_steps: int | None = None, min_stop_token: float | None = None,
+        rate: float = 1.0, pitch_semitones: float = 0.0,
+        stream_cfg: streaming.StreamConfig | None = None, should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """The mel windows `stream` vocodes (postnet, rate and pitch applied), without the vocoder: a
+        Ray Serve synthesizer replica streams these and the vocoder runs in its own deployment."""
         embedding = self._check_embedding(embedding)
         fragments = text_frontend.encode_text(text, self.synth_cfg.n_symbols)
         scfg = stream_cfg or streaming.StreamConfig()
@@ -213,7 +235,7 @@ class VoiceCloner:
                     yield shift_pitch(resampler.push(mel), pitch_semitones, self.mel_cfg)
             yield shift_pitch(resampler.flush(), pitch_semitones, self.mel_cfg)
 
-        yield from streaming.vocoded_chunks(mels(), vocode or self.vocode, self.mel_cfg.hop_length, scfg)
+        return mels()
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """mel (n_mels, T) -> float32 waveform at `sample_rate`."""

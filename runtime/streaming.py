@@ -4,14 +4,19 @@ The host loop runs step by step (`decoder_frames`, the same encoder/decoder-step
 mask order and stop rule as `runtime.synthesizer_loop.run_host_loop`, so its frames are identical).
 Two stages are not causal and get a window instead of the whole utterance:
 
-- The postnet (a CBHG ending in a bidirectional GRU) runs on windows of `chunk_frames` new frames
-  plus `postnet_context` frames of left context and `postnet_lookahead` frames of look-ahead.
+- The postnet (a CBHG ending in a bidirectional GRU) runs on windows of new frames plus
+  `postnet_context` frames of left context and `postnet_lookahead` frames of look-ahead; a window
+  ends where the vocoder can run its next chunk (that chunk's frames plus `vocoder_context`).
   Trailing quiet frames are held back until a loud frame follows, so the trailing-silence trim of
   the one-shot path (drop final frames whose max < stop_threshold) also holds for the stream.
 - The vocoder runs on each chunk with `vocoder_context` frames of context on both sides, and the
   samples of the context are cut off (trimming, not cross-fading: HiFi-GAN is convolutional, so
   with enough context the kept samples are what a one-shot pass gives, and no sample is weighted
   twice). The concatenated chunks are hop·T samples long, as the one-shot waveform.
+- Chunks are `first_chunk_frames` long first, then double up to `chunk_frames`: the first audio
+  waits for first_chunk_frames + vocoder_context + postnet_lookahead decoder frames, not for a
+  whole chunk. A first chunk shorter than what the vocoder computes while it plays leaves a gap
+  before the second (`voxport bench` reports these playback gaps beside time to first audio).
 
 Speaking rate and pitch (`runtime.controls`) run between the two, on the stream of mel frames.
 """
@@ -40,11 +45,27 @@ class StreamConfig:
     chunk_frames: int = 32  # mel frames per emitted audio chunk (32 × 256 / 22050 Hz ≈ 0.37 s)
     postnet_context: int = 16
     postnet_lookahead: int = 16  # 8 frames: 48 dB mel SNR vs one-shot; 16: 73 dB (measured)
-    vocoder_context: int = 12  # HiFi-GAN V1's receptive field reaches about ±12 frames
+    # HiFi-GAN V1's receptive field reaches about ±13 frames; 12 leaves out only its outermost, near-zero
+    # taps (real speech, FP32: 99 dB vs one-shot; 14: 100 dB; 8: 13 dB, measured).
+    vocoder_context: int = 12
+    # The first chunk's frames (then doubling up to chunk_frames): the first audio waits for this many
+    # frames plus the contexts, not for a whole chunk. None: every chunk is chunk_frames long (whole-mel
+    # chunked vocoding, where latency does not matter and every extra call costs 2 x vocoder_context).
+    first_chunk_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1 or min(self.postnet_context, self.postnet_lookahead, self.vocoder_context) < 0:
             raise ConfigError(f"stream config needs chunk_frames >= 1 and non-negative contexts, got {self}")
+        if self.first_chunk_frames is not None and not 1 <= self.first_chunk_frames <= self.chunk_frames:
+            raise ConfigError(f"stream config needs 1 <= first_chunk_frames <= chunk_frames, got {self}")
+
+
+def chunk_sizes(scfg: StreamConfig) -> Iterator[int]:
+    """Frames of each audio chunk in turn: first_chunk_frames, doubling up to chunk_frames, then that."""
+    size = scfg.first_chunk_frames or scfg.chunk_frames
+    while True:
+        yield size
+        size = min(scfg.chunk_frames, 2 * size)
 
 
 def decoder_frames(
@@ -82,8 +103,14 @@ def decoder_frames(
 
 def postnet_frames(frames: Iterable[np.ndarray], run_postnet: Runner, stop_threshold: float,
                    scfg: StreamConfig) -> Iterator[np.ndarray]:
-    """Decoder frames of one fragment -> windowed postnet frames, trailing quiet frames trimmed."""
+    """Decoder frames of one fragment -> windowed postnet frames, trailing quiet frames trimmed.
+
+    Windows end where `vocoded_chunks` can vocode a chunk: after each chunk's frames plus the
+    vocoder's right context (the first window: first chunk + vocoder_context), so no chunk waits
+    for more decoder steps than its own frames, its vocoder context and the postnet's look-ahead."""
     decoded: list[np.ndarray] = []
+    sizes = chunk_sizes(scfg)
+    end = next(sizes) + scfg.vocoder_context  # the end of the next window's kept frames
     total = done = 0
     held: list[np.ndarray] = []  # computed frames after the last loud one, released by a loud frame
 
@@ -106,9 +133,9 @@ def postnet_frames(frames: Iterable[np.ndarray], run_postnet: Runner, stop_thres
     for frame in frames:
         decoded.append(frame)
         total += frame.shape[1]
-        while total - done >= scfg.chunk_frames + scfg.postnet_lookahead:
-            segment = window(done + scfg.chunk_frames, done + scfg.chunk_frames + scfg.postnet_lookahead)
-            done += scfg.chunk_frames
+        while total >= end + scfg.postnet_lookahead:
+            segment = window(end, end + scfg.postnet_lookahead)
+            done, end = end, end + next(sizes)
             yield from release(segment)
     if total > done:
         segment = window(total, total)
@@ -118,8 +145,10 @@ def postnet_frames(frames: Iterable[np.ndarray], run_postnet: Runner, stop_thres
 
 def vocoded_chunks(mels: Iterable[np.ndarray], vocode: Callable[[np.ndarray], np.ndarray], hop: int,
                    scfg: StreamConfig) -> Iterator[np.ndarray]:
-    """Mel frames in any pieces -> waveform chunks of hop·chunk_frames samples (the last shorter)."""
-    ctx, chunk = scfg.vocoder_context, scfg.chunk_frames
+    """Mel frames in any pieces -> waveform chunks of hop·size samples, size following
+    `chunk_sizes(scfg)` (the last chunk shorter or longer: what remains)."""
+    ctx, sizes = scfg.vocoder_context, chunk_sizes(scfg)
+    chunk = next(sizes)
     buf: np.ndarray | None = None
     start = done = 0  # absolute frame index of buf[:, 0]; frames whose samples were emitted
 
@@ -141,5 +170,6 @@ def vocoded_chunks(mels: Iterable[np.ndarray], vocode: Callable[[np.ndarray], np
         buf = mel if buf is None else np.concatenate([buf, mel], axis=1)
         while start + buf.shape[1] - done >= chunk + ctx:
             yield run(done + chunk, done + chunk + ctx)
+            chunk = next(sizes)
     if buf is not None and start + buf.shape[1] > done:
         yield run(start + buf.shape[1], start + buf.shape[1])

@@ -57,6 +57,7 @@ def _options_say(session, settings: SessionSettings) -> None:
     assert opts.inter_op_num_threads == settings.inter_op_threads
     spin = "1" if settings.allow_spinning else "0"
     assert [opts.get_session_config_entry(key) for key in SPINNING] == [spin, spin]
+    assert opts.enable_cpu_mem_arena == (settings.cpu_arena != "disabled")
 
 
 def _product_files() -> list[Path]:
@@ -85,7 +86,8 @@ def test_session_settings_round_trip_and_read_old_records() -> None:
     tuned = SessionSettings(graph_optimization="extended", intra_op_threads=3, inter_op_threads=2,
                             allow_spinning=True)
     assert SessionSettings.from_dict(tuned.to_dict()) == tuned
-    assert set(tuned.to_dict()) == {"graph_optimization", "intra_op_threads", "inter_op_threads", "allow_spinning"}
+    assert set(tuned.to_dict()) == {"graph_optimization", "intra_op_threads", "inter_op_threads", "allow_spinning",
+                                    "cpu_arena"}
     # Old records carry only the level; the rest takes the defaults. Timing figures beside it are ignored.
     old = {"graph_optimization_level": "extended", "medians_s": {"all": 1.2, "extended": 1.1}}
     assert SessionSettings.from_dict(old) == SessionSettings(graph_optimization="extended")
@@ -128,6 +130,24 @@ def test_the_runtime_keeps_recorded_settings_unless_threads_are_pinned(tmp_path:
     assert recorded.settings == SessionSettings(graph_optimization="extended", intra_op_threads=1)
     pinned, _, _ = open_first([choice], tmp_path, "vocoder", host=None, threads=2)
     assert pinned.settings == SessionSettings(graph_optimization="extended", intra_op_threads=2)
+
+
+def test_the_memory_arena_policy_is_a_deployment_override(tmp_path: Path) -> None:
+    """serve.cpu_arena reaches the session (arena off) or every run (shrinkage), over whatever the
+    record says, and gives the same outputs; a wrong policy is named."""
+    record = _artifact(tmp_path, {"graph_optimization": "extended", "intra_op_threads": 1})
+    choice = Selection(record, "test", "cpu")
+    feed = {"mel": np.ones((1, 80, 3), np.float32)}
+    for policy in ("keep", "shrink", "disabled"):
+        backend, _, _ = open_first([choice], tmp_path, "vocoder", host=None, cpu_arena=policy)
+        expected = SessionSettings(graph_optimization="extended", intra_op_threads=1, cpu_arena=policy)
+        assert backend.settings == expected
+        _options_say(backend.session, expected)
+        assert (backend._run_options is not None) == (policy == "shrink")
+        for _ in range(2):  # a shrunk arena serves the next run as well
+            assert np.allclose(backend.infer(feed)["wav"], 2.0)
+    with pytest.raises(ConfigError, match="cpu_arena must be one of keep, shrink, disabled"):
+        SessionSettings(cpu_arena="on")
 
 
 def test_spinning_is_off_in_both_pools_by_default(tmp_path: Path) -> None:

@@ -276,3 +276,21 @@ def test_every_stage_entry_plans_and_its_pass_config_loads(overrides: tuple[str,
         kind.config({**settings, **({"graph": stage.graph} if stage.graph else {})})
         if kind.name != "onnx_export":
             assert stage.parent_precision in COMPONENTS[stage.component].precisions + ("fp32",)
+
+
+def test_the_session_grid_is_every_combination_named_by_what_varies() -> None:
+    from voxport.pipeline.engine import session_variants, variant_label
+
+    default = TimingConfig.from_dict(OmegaConf.to_container(compose_config().timing))
+    variants = session_variants(default, build_threads=2)
+    assert variants == [{"graph_optimization": "all", "intra_op_threads": 2, "allow_spinning": False},
+                        {"graph_optimization": "extended", "intra_op_threads": 2, "allow_spinning": False}]
+    assert [variant_label(v, variants) for v in variants] == ["all", "extended"]  # as records always said
+    wide = TimingConfig.from_dict({"session_levels": ["all"], "session_threads": [0, 1],
+                                   "session_spinning": [False, True]})
+    variants = session_variants(wide, build_threads=2)
+    assert len(variants) == 4 and {v["intra_op_threads"] for v in variants} == {1, 2}
+    labels = [variant_label(v, variants) for v in variants]
+    assert labels == ["2t,spin=false", "2t,spin=true", "1t,spin=false", "1t,spin=true"]
+    with pytest.raises(ConfigError, match="timing.session_spinning needs at least one value"):
+        TimingConfig.from_dict({"session_spinning": []})

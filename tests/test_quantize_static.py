@@ -229,3 +229,30 @@ def test_static_int8_chains_after_structured_pruning_and_is_gated_against_the_or
     assert record.quality["fp32_log_mel_distance_db"] == pytest.approx(original["log_mel_distance_db"])
     assert record.quality["log_mel_distance_increase_db"] <= 1.0
     assert record.parity["integer_ops"]["runtime"]["QLinearConv"] > 0
+
+
+def test_timing_tries_every_session_variant_and_records_the_fastest(bundle: Path, corpus, tmp_path: Path) -> None:
+    """`timing.session_*` widened: the artifact is timed under every combination side by side; the
+    record keeps each variant's median and the whole settings of the fastest, which the runtime opens."""
+    import dataclasses
+
+    from voxport.pipeline.engine import time_artifact
+    from voxport.runtime.backends.onnxruntime import recorded_settings
+
+    bundle_dir, records = stage_dir(bundle, tmp_path, "speaker_encoder")
+    ctx = stage_context(bundle_dir, corpus, records, GATES, timing_seconds=0.5)
+    ctx.timing = dataclasses.replace(ctx.timing, session_levels=("all",), session_threads=(0, 1),
+                                     session_spinning=(False, True))
+    ctx.threads = 2
+    record = ctx.find("speaker_encoder", "speaker_encoder", "onnx")
+    source = ctx.find("speaker_encoder", "speaker_encoder", "torch")
+    speed = time_artifact(ctx, record, source, ctx.component("speaker_encoder"), time_parent=False)
+    session = speed["session"]
+    assert set(session["medians_s"]) == {"2t,spin=false", "2t,spin=true", "1t,spin=false", "1t,spin=true"}
+    best = min(session["medians_s"], key=session["medians_s"].get)
+    threads, spin = best.split(",")
+    assert session["intra_op_threads"] == int(threads[:-1]) and session["allow_spinning"] == (spin == "spin=true")
+    assert speed["median_s"] == session["medians_s"][best]
+    recorded = recorded_settings(dataclasses.replace(record, speed=speed), ["CPUExecutionProvider"])
+    assert (recorded.intra_op_threads, recorded.allow_spinning) == (session["intra_op_threads"],
+                                                                   session["allow_spinning"])

@@ -27,6 +27,8 @@ SERVING_MODULES = (
     "voxport.runtime.serve.service",
     "voxport.runtime.serve.engine",
     "voxport.runtime.serve.library",
+    "voxport.runtime.serve.ray.proxy",
+    "voxport.runtime.serve.ray.ingress",
     "voxport.models.speaker_frontend",
     "voxport.models.synthesizer_config",
     "voxport.models.synthesizer_io",

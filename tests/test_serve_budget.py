@@ -121,3 +121,76 @@ def test_chunked_vocoding_matches_one_shot(cloner) -> None:  # noqa: F811
     snr = 10 * np.log10(np.sum(whole.astype(np.float64) ** 2) / max(np.sum((whole - chunked) ** 2.0), 1e-30))
     print(f"chunked vs one-shot vocoding: {snr:.1f} dB SNR")
     assert snr > 40.0, snr
+
+
+@pytest.mark.slow  # about 15 s: a long request (~10 s of work) with short ones beside it
+def test_a_short_request_beside_a_long_one_keeps_its_latency(live: LiveServer) -> None:
+    """Fair scheduling: the long request's vocoding is cut into chunks that interleave with the short
+    request's (never one call per utterance, never an item padded to a long one), and each request
+    synthesizes on its own worker, so a short request is not queued behind the long one."""
+    import concurrent.futures
+    import statistics
+
+    def short() -> float:
+        start = time.perf_counter()
+        r = _speak(live, "hello there", max_decoder_steps=12)
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - start
+
+    short()  # warm-up
+    solo = statistics.median(short() for _ in range(3))
+    with httpx.Client(base_url=live.url, timeout=60.0) as other, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long_request = pool.submit(_speak, live, "hello there, " * 10, other)  # 400 steps, ~9 s of audio
+        time.sleep(0.5)  # the long one is admitted and working
+        beside = []
+        while not long_request.done() and len(beside) < 3:
+            beside.append(short())
+        long_done = long_request.done()
+        assert long_request.result().status_code == 200
+    assert len(beside) >= 2 and not long_done, "the long request ended before the short ones were measured"
+    ratio = statistics.median(beside) / solo
+    print(f"short request: {solo * 1000:.0f} ms alone, {statistics.median(beside) * 1000:.0f} ms beside a long one "
+          f"({ratio:.2f}x)")
+    assert ratio <= 2.0, f"a short request took {ratio:.2f}x its solo latency beside a long one"
+
+
+@pytest.mark.slow  # about 15 s
+def test_the_vocoder_interleaves_a_short_mel_with_a_long_one(bundle: Path, cloner, tmp_path: Path) -> None:  # noqa: F811
+    """The vocoder stage alone: a short utterance's vocoding beside a 20 s one is not queued behind it.
+    The long one is cut into chunks and there is a vocoder lane per worker, so the short one runs on the
+    other lane at once. (One lane and one call per utterance: the short one waited for the whole long
+    call, 5-10x its solo time here; nothing was ever padded to the long one's length either way.)"""
+    import concurrent.futures
+    import statistics
+
+    from voxport.runtime.serve.engine import Engine
+    from voxport.runtime.serve.telemetry import Telemetry
+
+    engine = Engine(cloner, _settings(bundle, tmp_path, workers=2, vocoder_chunk_frames=64), Telemetry())
+    rng = np.random.default_rng(0)
+    floor = np.log(1e-5)
+    short_mel = (floor + 4 * rng.random((cloner.mel_cfg.n_mels, 40))).astype(np.float32)
+    long_mel = (floor + 4 * rng.random((cloner.mel_cfg.n_mels, 1700))).astype(np.float32)  # ~20 s
+    never = lambda: False  # noqa: E731
+
+    def short() -> float:
+        start = time.perf_counter()
+        engine.vocode_chunked(short_mel, never)
+        return time.perf_counter() - start
+
+    try:
+        short()
+        solo = statistics.median(short() for _ in range(5))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long_job = pool.submit(engine.vocode_chunked, long_mel, never)
+            time.sleep(0.2)
+            beside = [short() for _ in range(5)]
+            long_done = long_job.done()
+            long_job.result()
+    finally:
+        engine.close()
+    assert not long_done, "the long mel was vocoded before the short ones were measured"
+    ratio = statistics.median(beside) / solo
+    print(f"short vocoding: {solo * 1000:.0f} ms alone, {statistics.median(beside) * 1000:.0f} ms beside a long one "
+          f"({ratio:.2f}x)")
+    assert ratio <= 2.0, f"a short mel took {ratio:.2f}x its solo time beside a long one"

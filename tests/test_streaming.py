@@ -1,17 +1,20 @@
 """Streaming synthesis and the synthesis controls (runtime/streaming.py, runtime/controls.py)."""
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import librosa
 import numpy as np
 import pytest
+from conftest import compose_config
 
 from voxport.errors import ConfigError
 from voxport.models import text as text_frontend
 from voxport.models.audio import HIFIGAN_V1_22K
 from voxport.models.prenet_masks import NumpyMasks
 from voxport.runtime.controls import TimeResampler, change_rate, mel_floor, shift_pitch
-from voxport.runtime.streaming import StreamConfig, decoder_frames, postnet_frames, vocoded_chunks
+from voxport.runtime.streaming import StreamConfig, chunk_sizes, decoder_frames, postnet_frames, vocoded_chunks
 from voxport.runtime.synthesizer_loop import run_host_loop, trim_lengths
 
 
@@ -122,3 +125,114 @@ def test_stream_matches_the_one_shot_pipeline(bundle: Path) -> None:
         assert _snr_db(one_shot, streamed) > 40.0  # windowed postnet and chunked vocoder vs whole
     finally:
         cloner.close()
+
+
+def _toy_vocoder(hop: int, reach: int):
+    """A "vocoder" whose samples depend on the frames within ±reach (as HiFi-GAN's receptive field)."""
+    def vocode(mel: np.ndarray) -> np.ndarray:
+        energy = mel.sum(axis=0)
+        padded = np.pad(energy, reach)
+        smooth = np.array([padded[i:i + 2 * reach + 1] @ np.arange(1, 2 * reach + 2) for i in range(len(energy))])
+        return np.repeat(smooth, hop).astype(np.float32)
+
+    return vocode
+
+
+def test_chunks_grow_from_a_small_first_chunk_and_stay_exact() -> None:
+    hop, reach = 4, 3
+    vocode = _toy_vocoder(hop, reach)
+    mel = np.random.default_rng(3).normal(size=(5, 60)).astype(np.float32)
+    cfg = StreamConfig(chunk_frames=16, vocoder_context=reach, first_chunk_frames=2)
+    sizes = chunk_sizes(cfg)
+    assert [next(sizes) for _ in range(6)] == [2, 4, 8, 16, 16, 16]
+    chunks = list(vocoded_chunks((mel[:, i:i + 2] for i in range(0, 60, 2)), vocode, hop, cfg))
+    assert [len(c) // hop for c in chunks] == [2, 4, 8, 16, 16, 14]
+    np.testing.assert_allclose(np.concatenate(chunks), vocode(mel), rtol=1e-6)
+    with pytest.raises(ConfigError, match="first_chunk_frames"):
+        StreamConfig(chunk_frames=16, first_chunk_frames=17)
+    with pytest.raises(ConfigError, match="first_chunk_frames"):
+        StreamConfig(first_chunk_frames=0)
+
+
+@pytest.mark.parametrize("first", [None, 8, 4])
+def test_first_audio_waits_for_the_first_chunk_and_its_contexts_only(first: int | None) -> None:
+    """Decoder frames consumed before the first audio chunk: the first chunk + the vocoder's right
+    context + the postnet's look-ahead (not a whole chunk_frames chunk, nor a second postnet window)."""
+    r, hop = 2, 4
+    cfg = StreamConfig(chunk_frames=32, postnet_context=16, postnet_lookahead=16, vocoder_context=12,
+                       first_chunk_frames=first)
+    mel = np.zeros((3, 200), np.float32)  # loud (>= the stop threshold below): nothing is held back
+    consumed = []
+
+    def decoder() -> Iterator[np.ndarray]:
+        for i in range(0, mel.shape[1], r):
+            consumed.append(i + r)
+            yield mel[:, i:i + r]
+
+    identity = lambda feeds: {"mel_post": feeds["mel"]}  # noqa: E731
+    chunks = vocoded_chunks(postnet_frames(decoder(), identity, -1.0, cfg), _toy_vocoder(hop, 3), hop, cfg)
+    first_chunk = next(chunks)
+    needed = (first or 32) + 12 + 16
+    assert consumed[-1] == -(-needed // r) * r
+    assert len(first_chunk) == (first or 32) * hop
+    assert sum(len(c) for c in chunks) + len(first_chunk) == mel.shape[1] * hop
+
+
+def test_stream_with_a_small_first_chunk_matches_the_one_shot_pipeline(bundle: Path) -> None:
+    """Growing chunks keep the stream's bar: SNR > 40 dB vs one-shot through the whole pipeline."""
+    from voxport.runtime.cloner import VoiceCloner
+
+    cloner = VoiceCloner(bundle, threads=1)
+    try:
+        embedding = np.random.default_rng(4).normal(size=256).astype(np.float32)
+        embedding /= np.linalg.norm(embedding)
+        one_shot = cloner.vocode(cloner.synthesize("stream me", embedding, seed=3, max_decoder_steps=20))
+        cfg = StreamConfig(chunk_frames=16, postnet_context=16, postnet_lookahead=16, vocoder_context=12,
+                           first_chunk_frames=4)
+        chunks = list(cloner.stream("stream me", embedding, seed=3, max_decoder_steps=20, stream_cfg=cfg))
+        assert [len(c) // cloner.mel_cfg.hop_length for c in chunks[:3]] == [4, 8, 16]
+        streamed = np.concatenate(chunks)
+        assert streamed.shape == one_shot.shape
+        assert _snr_db(one_shot, streamed) > 40.0
+    finally:
+        cloner.close()
+
+
+def test_real_hifigan_vocodes_real_speech_in_growing_chunks_as_one_shot(bundle: Path, corpus) -> None:
+    """The real HiFi-GAN (FP32 ONNX) vocodes 1 s of held-out speech in the service's chunks (8 frames,
+    then 16, 32) as one shot does, to float32 summation order (98.5 dB measured): 12 frames of context
+    cover its receptive field (about ±13 frames) but for its outermost, near-zero taps."""
+    from voxport.models import audio
+    from voxport.runtime.cloner import VocoderOnly
+
+    vocoder = VocoderOnly(bundle, preference=["cpu"], strict=True, threads=1)
+    item = next(i for i in corpus.items(split="eval") if i.source != "espeak-ng" and i.duration_s >= 1.0)
+    mel = audio.mel_spectrogram(corpus.audio(item, vocoder.sample_rate)[: vocoder.sample_rate],
+                                vocoder.mel_cfg).astype(np.float32)
+    served = StreamConfig(chunk_frames=32, vocoder_context=12, first_chunk_frames=8)
+    hop = vocoder.mel_cfg.hop_length
+    pieces = list(vocoded_chunks((mel[:, i:i + 2] for i in range(0, mel.shape[1], 2)), vocoder.vocode, hop, served))
+    assert [len(p) // hop for p in pieces[:3]] == [8, 16, 32]
+    assert _snr_db(vocoder.vocode(mel), np.concatenate(pieces)) > 90.0
+
+
+def test_the_service_and_the_bench_stream_with_the_configured_first_chunk() -> None:
+    from voxport.benchmarks.run import plan_jobs, stream_settings
+    from voxport.runtime.serve.settings import ServeSettings
+
+    cfg = compose_config()
+    settings = ServeSettings.from_cfg(cfg.serve, cfg.target)
+    assert settings.stream.first_chunk_frames == 8 and settings.stream.chunk_frames == 32
+    assert stream_settings(cfg) == dataclasses.asdict(settings.stream)
+    jobs, _ = plan_jobs([], cfg.bench, Path("b"), Path("i"), 1, 1, cuda=False, providers=(),
+                        stream=stream_settings(cfg))
+    assert {j["kind"] for j in jobs} == {"pipeline"}
+    assert all(j["stream"]["first_chunk_frames"] == 8 for j in jobs)
+
+
+def test_playback_gaps_count_the_silence_after_each_late_chunk() -> None:
+    from voxport.benchmarks.pipeline import stalls
+
+    # played from 0.1 s: the 2nd chunk comes before the 1st has played, the 3rd 0.1 s after the 2nd ended
+    assert stalls([0.1, 0.15, 0.5], [0.1, 0.2, 0.3]) == pytest.approx({"stall_ms": 100.0, "worst_gap_ms": 100.0})
+    assert stalls([0.2, 0.5, 0.6], [0.1, 0.1, 0.1]) == pytest.approx({"stall_ms": 200.0, "worst_gap_ms": 200.0})

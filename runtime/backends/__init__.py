@@ -37,20 +37,22 @@ def open_backend(record: Record, bundle_dir: Path, graph: str | None = None, **o
 
 
 def open_first(choices: Sequence[Selection], bundle_dir: Path, graph: str, host: Host, threads: int = 0,
-               strict: bool = False) -> tuple[Backend, Selection, str]:
+               strict: bool = False, cpu_arena: str | None = None) -> tuple[Backend, Selection, str]:
     """Load the first of `choices` (from runtime/select.py `ranked`) that loads on this host.
 
     One that fails (sha256 changed, ONNX Runtime fell back from CUDA, engine refused) gives way to
     the next, and the returned reason says which were refused and why; `strict` raises instead.
     An ONNX artifact opens with the session settings its record says the build timed it under;
-    `threads` > 0 overrides only its intra-op threads (0 keeps the recorded value).
+    `threads` > 0 overrides only its intra-op threads (0 keeps the recorded value), `cpu_arena` its
+    memory arena policy (a deployment choice, not a build measurement; None keeps the default).
     """
     refused: list[str] = []
     for choice in choices:
         record = choice.record
         options: dict[str, Any] = {}
         if record.format == "onnx":
-            options = {"providers": choice.providers, "intra_op_threads": threads or None}
+            options = {"providers": choice.providers, "intra_op_threads": threads or None,
+                       "cpu_arena": cpu_arena}
         elif record.format == "trt":
             options = {"host": host}
         try:

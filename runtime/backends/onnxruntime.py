@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # layout transforms such as NHWC; `disabled` runs the graph as written (range instrumentation).
 GRAPH_OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 
+CPU_ARENA_POLICIES = ("keep", "shrink", "disabled")
+
 # The key old records carry in speed.session for what is now `graph_optimization`.
 _OLD_LEVEL_KEY = "graph_optimization_level"
 
@@ -59,6 +61,10 @@ class SessionSettings:
     # ONNX Runtime in a stage, other engines and requests in serve); the latency they save is
     # below our per-call timings. Off means off in both pools.
     allow_spinning: bool = False
+    # ONNX Runtime's CPU memory arena: `keep` holds what the largest run needed (fastest); `shrink`
+    # returns it after every run (a service's RSS falls back between requests); `disabled` allocates
+    # per run. Peak memory itself is bounded by the inputs (serve vocodes in bounded chunks).
+    cpu_arena: str = "keep"
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
@@ -68,6 +74,9 @@ class SessionSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"ONNX Runtime {name} must be an integer >= 0, got {value!r}")
+        if self.cpu_arena not in CPU_ARENA_POLICIES:
+            raise ConfigError(f"ONNX Runtime cpu_arena must be one of {', '.join(CPU_ARENA_POLICIES)}, "
+                              f"got {self.cpu_arena!r}")
         if not isinstance(self.allow_spinning, bool):
             raise ConfigError(f"ONNX Runtime allow_spinning must be true or false, got {self.allow_spinning!r}")
 
@@ -99,8 +108,10 @@ class SessionSettings:
 DEFAULT_SETTINGS = SessionSettings()
 
 
-def session_options(settings: SessionSettings, optimized_model_filepath: Path | str | None = None) -> Any:
-    """ORT SessionOptions for `settings` (errors only: sessions log at severity 3)."""
+def session_options(settings: SessionSettings, optimized_model_filepath: Path | str | None = None,
+                    profile_prefix: Path | str | None = None) -> Any:
+    """ORT SessionOptions for `settings` (errors only: sessions log at severity 3). `profile_prefix`:
+    ORT's profiler on, its JSON trace written to `<prefix>_<time>.json` (`voxport profile`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -108,11 +119,15 @@ def session_options(settings: SessionSettings, optimized_model_filepath: Path | 
     opts.intra_op_num_threads = settings.intra_op_threads
     opts.inter_op_num_threads = settings.inter_op_threads
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = settings.cpu_arena != "disabled"
     spin = "1" if settings.allow_spinning else "0"
     opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
     opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
     if optimized_model_filepath is not None:  # qdq.runtime_op_counts reads the graph ORT runs
         opts.optimized_model_filepath = str(optimized_model_filepath)
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     return opts
 
 
@@ -121,8 +136,10 @@ def open_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     settings: SessionSettings = DEFAULT_SETTINGS,
     optimized_model_filepath: Path | str | None = None,
+    profile_prefix: Path | str | None = None,
 ) -> Any:
-    """An onnxruntime.InferenceSession over a file or a serialized model, configured by `settings`.
+    """An onnxruntime.InferenceSession over a file or a serialized model, configured by `settings`
+    (`profile_prefix`: ORT's profiler on, see `session_options`).
 
     Refuses providers this host lacks, and a session that silently runs on other providers than
     asked (ONNX Runtime drops CUDA for CPU without an error).
@@ -138,7 +155,7 @@ def open_session(
             f"{label}: ONNX Runtime providers {missing} are not available here (available: {available})"
         )
     source = model if isinstance(model, bytes) else str(model)
-    opts = session_options(settings, optimized_model_filepath)
+    opts = session_options(settings, optimized_model_filepath, profile_prefix)
     session = ort.InferenceSession(source, sess_options=opts, providers=requested)
     actual = session.get_providers()
     if actual[: len(requested)] != requested:
@@ -180,6 +197,7 @@ class OnnxRuntimeBackend(Backend):
         self._session: Any = None
         self._input_names: list[str] = []
         self._output_names: list[str] = []
+        self._run_options: Any = None
         self.settings: SessionSettings | None = None  # what the open session uses
 
     @classmethod
@@ -207,13 +225,19 @@ class OnnxRuntimeBackend(Backend):
         session = open_session(model, self._requested, settings)
         self._session = session
         self.settings = settings
+        self._run_options = None
+        if settings.cpu_arena == "shrink":  # give the arena's chunks back after every run
+            import onnxruntime as ort
+
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._input_names = [i.name for i in session.get_inputs()]
         self._output_names = [o.name for o in session.get_outputs()]
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise BackendUnavailable("onnxruntime backend used before load() or after close()")
-        outputs = self._session.run(None, {n: feeds[n] for n in self._input_names})
+        outputs = self._session.run(None, {n: feeds[n] for n in self._input_names}, self._run_options)
         return dict(zip(self._output_names, outputs, strict=True))
 
     @property

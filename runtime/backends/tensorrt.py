@@ -10,6 +10,7 @@ stream. TensorRT itself is imported only here, on first load.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ class TensorRTBackend(Backend):
         self._profiles: dict[str, Any] = {}
         self._label = ""
         self._keep_alive: list[Any] = []
+        # One execution context holds one set of shapes and addresses: concurrent callers (the
+        # service's workers and vocoder lanes) take turns; the GPU serializes their runs anyway.
+        self._lock = threading.Lock()
 
     def load(self, record: Record, bundle_dir: Path) -> None:
         host = self._host or detect()
@@ -99,9 +103,9 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable("tensorrt backend used before load() or after close()")
         import torch
 
-        with torch.cuda.stream(self._stream):  # copies, allocations and the run on one stream
+        with self._lock, torch.cuda.stream(self._stream):  # copies, allocations and the run on one stream
             outputs = self._enqueue(feeds, torch.device("cuda", self._device))
-        self._stream.synchronize()
+            self._stream.synchronize()
         return {name: (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).cpu().numpy()
                 for name, t in outputs.items()}
 

@@ -36,6 +36,7 @@ from voxport.errors import (
     InvalidVoiceId,
     LibraryFull,
     Overloaded,
+    ReplicaUnavailable,
     RequestError,
     RequestTimeout,
     ShuttingDown,
@@ -74,7 +75,8 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
 def _status(exc: Exception) -> tuple[int, str]:
     """HTTP status and error kind of an exception raised while serving a request."""
     table: list[tuple[type, int, str]] = [
-        (ShuttingDown, 503, "shutting_down"), (Overloaded, 503, "overloaded"), (RequestTimeout, 504, "timeout"),
+        (ShuttingDown, 503, "shutting_down"), (ReplicaUnavailable, 503, "replica_unavailable"),
+        (Overloaded, 503, "overloaded"), (RequestTimeout, 504, "timeout"),
         (ClientGone, 499, "cancelled"),  # nginx's "client closed request": nobody reads it, metrics count it
         (VoiceQuarantined, 410, "voice_quarantined"), (VoiceNotFound, 404, "voice_not_found"),
         (InvalidVoiceId, 422, "invalid_voice_id"), (LibraryFull, 413, "library_full"), (AudioError, 422, "audio"),
@@ -352,6 +354,11 @@ def serve(cfg: Any) -> None:
     keys = load_api_keys(settings)
     check_exposure(settings, keys)  # before any model loads: a refusal is quick
     install_request_id_logging()
+    if settings.engine == "ray":  # the same app (create_app) in a Ray Serve ingress deployment
+        from voxport.runtime.serve.ray.launcher import run
+
+        run(settings, keys)
+        return
     app = create_app(settings, keys=keys)
     log.info("voxport serve: http://%s:%d (docs at /docs), bundle %s, voices %s, %s", settings.host, settings.port,
              settings.bundle_dir, settings.voices_dir, f"{len(keys)} API key(s)" if keys else "no API keys")

@@ -1,18 +1,20 @@
-"""Dynamic batching for the vocoder: concurrent requests share one vocoder call.
+"""Dynamic batching for the vocoder: concurrent requests share vocoder calls, fairly.
 
-One thread owns the vocoder. It takes the first waiting mel, then waits up to `window_s` for
-more (at most `max_batch`), pads them to the longest with the silence floor and runs them as one
-batch (`VoiceCloner.vocode_batch`), cutting each output back to hop·T_i samples. Callers block
-on a future. Items of equal length (concurrent stream chunks, the same text twice) come out
-exactly as alone; a shorter item padded in a batch differs only in its last ~12 frames' samples.
+`lanes` threads run vocoder calls (one per inference worker by default, so two requests on two
+cores vocode at once). A lane takes the oldest waiting mel, then waits up to `window_s` for more
+of the SAME length (at most `max_batch`) and runs them as one batch (`VoiceCloner.vocode_batch`).
+Nothing is ever padded: a short item is not made as slow as a long one, and every output equals
+the item vocoded alone. Whole utterances arrive here as fixed-size chunks (runtime/serve/engine.py
+`vocode_chunked`), so concurrent requests' chunks batch together, and a short request waits for at
+most one chunk of a long one instead of the whole long utterance.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -23,79 +25,90 @@ from voxport.errors import VoxportError
 log = logging.getLogger(__name__)
 
 BatchFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+Item = tuple[np.ndarray, Future]
 
 
 class VocoderBatcher:
-    def __init__(self, vocode_batch: BatchFn, max_batch: int = 8, window_s: float = 0.01,
+    def __init__(self, vocode_batch: BatchFn, max_batch: int = 8, window_s: float = 0.01, lanes: int = 1,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         self._vocode_batch = vocode_batch
         self._max_batch = max(1, int(max_batch))
         self._window_s = max(0.0, float(window_s))
         self._on_batch = on_batch
-        self._queue: queue.Queue[tuple[np.ndarray, Future[np.ndarray]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="voxport-vocoder", daemon=True)
+        self._pending: deque[Item] = deque()
+        self._cond = threading.Condition()
         self._closed = False
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"voxport-vocoder-{i}", daemon=True)
+                         for i in range(max(1, int(lanes)))]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._thread.is_alive()
+        return not self._closed and all(t.is_alive() for t in self._threads)
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     def submit(self, mel: np.ndarray) -> Future[np.ndarray]:
         """Queue one (n_mels, T) mel; the future holds its waveform once its batch has run."""
-        if self._closed:
-            raise VoxportError("the vocoder batcher is closed")
         future: Future[np.ndarray] = Future()
-        self._queue.put((np.asarray(mel, dtype=np.float32), future))
+        with self._cond:
+            if self._closed:
+                raise VoxportError("the vocoder batcher is closed")
+            self._pending.append((np.asarray(mel, dtype=np.float32), future))
+            self._cond.notify()
         return future
 
     def vocode(self, mel: np.ndarray, timeout: float | None = None) -> np.ndarray:
         """Vocode one mel; blocks until its batch has run."""
         return self.submit(mel).result(timeout=timeout)
 
-    def _collect(self, first: tuple[np.ndarray, Future[np.ndarray]]) -> tuple[list, bool]:
-        batch, stop = [first], False
-        deadline = time.monotonic() + self._window_s
-        while len(batch) < self._max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                stop = True
-                break
+    def _take_same_length(self, batch: list[Item]) -> None:
+        frames = batch[0][0].shape[-1]
+        for item in [it for it in self._pending if it[0].shape[-1] == frames][: self._max_batch - len(batch)]:
+            self._pending.remove(item)
             batch.append(item)
-        return batch, stop
+
+    def _next_batch(self) -> list[Item] | None:
+        """The oldest waiting item and its same-length company; None once closed and drained."""
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            batch = [self._pending.popleft()]
+            deadline = time.monotonic() + self._window_s
+            while True:
+                self._take_same_length(batch)
+                remaining = deadline - time.monotonic()
+                if len(batch) >= self._max_batch or remaining <= 0 or self._closed:
+                    return batch
+                self._cond.wait(remaining)  # other lanes keep taking other lengths meanwhile
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, stop = self._collect(first)
+        while (batch := self._next_batch()) is not None:
             live = [(mel, fut) for mel, fut in batch if fut.set_running_or_notify_cancel()]
-            if live:
-                start = time.perf_counter()
-                try:
-                    outputs = self._vocode_batch([mel for mel, _ in live])
-                except BaseException as exc:  # every waiter gets the failure, the thread lives on
-                    log.exception("vocoder batch of %d failed", len(live))
-                    for _, fut in live:
-                        fut.set_exception(exc)
-                else:
-                    for (_, fut), wav in zip(live, outputs, strict=True):
-                        fut.set_result(wav)
-                if self._on_batch is not None:
-                    self._on_batch(len(live), time.perf_counter() - start)
-            if stop:
-                return
+            if not live:
+                continue
+            start = time.perf_counter()
+            try:
+                outputs = self._vocode_batch([mel for mel, _ in live])
+            except BaseException as exc:  # every waiter gets the failure, the lane lives on
+                log.exception("vocoder batch of %d failed", len(live))
+                for _, fut in live:
+                    fut.set_exception(exc)
+            else:
+                for (_, fut), wav in zip(live, outputs, strict=True):
+                    fut.set_result(wav)
+            if self._on_batch is not None:
+                self._on_batch(len(live), time.perf_counter() - start)
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Stop admitting; what is queued still runs, then the lanes exit."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)

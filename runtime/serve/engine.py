@@ -89,8 +89,9 @@ class Engine:
             telemetry.vocoder_batch.observe(size)
             telemetry.vocoder_queue.set(self.batcher.depth)
 
+        # One vocoder lane per worker: two requests vocode on two cores at once.
         self.batcher = VocoderBatcher(cloner.vocode_batch, settings.vocoder_max_batch,
-                                      settings.vocoder_window_ms / 1000.0, on_batch=on_batch)
+                                      settings.vocoder_window_ms / 1000.0, lanes=settings.workers, on_batch=on_batch)
 
     @property
     def inflight(self) -> int:

@@ -152,3 +152,5 @@ class Health(BaseModel):
     library: dict[str, int]
     limits: dict[str, Any]
     quarantined: list[dict[str, Any]] = []  # stored voices that failed verification (id, reason, at, path)
+    engine: str = "local"  # serve.engine: local (one process) or ray
+    deployments: dict[str, Any] = {}  # engine ray: per deployment, its replicas, their nodes and artifacts

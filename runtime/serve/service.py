@@ -54,14 +54,17 @@ def pcm16(wav: np.ndarray) -> bytes:
 
 
 class Service:
-    def __init__(self, settings: ServeSettings, cloner: VoiceCloner | None = None) -> None:
+    def __init__(self, settings: ServeSettings, cloner: VoiceCloner | None = None, library: Any = None) -> None:
+        """`cloner`, `library`: given (tests, or the Ray engine's proxies: runtime/serve/ray/), else opened here."""
         self.settings = settings
         self._owns_cloner = cloner is None  # a cloner passed in (tests, embedding) is the caller's to close
         self.cloner = cloner or VoiceCloner(settings.bundle_dir, preference=settings.target.preference,
-                                            strict=settings.target.strict, threads=settings.threads)
+                                            strict=settings.target.strict, threads=settings.threads,
+                                            cpu_arena=settings.cpu_arena)
         self.telemetry = Telemetry()
         self.engine = Engine(self.cloner, settings, self.telemetry)
-        self.library = VoiceLibrary(settings.voices_dir, settings.limits.max_voices, settings.limits.max_library_bytes)
+        self.library = library if library is not None else VoiceLibrary(
+            settings.voices_dir, settings.limits.max_voices, settings.limits.max_library_bytes)
         self.sample_rate = self.cloner.sample_rate
         self.encoder_rate = self.cloner.encoder_cfg.sample_rate
         self.embedding_dim = self.cloner.synth_cfg.speaker_embedding_dim
