@@ -222,12 +222,12 @@ def test_the_service_and_the_bench_stream_with_the_configured_first_chunk() -> N
 
     cfg = compose_config()
     settings = ServeSettings.from_cfg(cfg.serve, cfg.target)
-    assert settings.stream.first_chunk_frames == 8 and settings.stream.chunk_frames == 32
+    assert settings.stream.first_chunk_frames == 16 and settings.stream.chunk_frames == 32
     assert stream_settings(cfg) == dataclasses.asdict(settings.stream)
     jobs, _ = plan_jobs([], cfg.bench, Path("b"), Path("i"), 1, 1, cuda=False, providers=(),
                         stream=stream_settings(cfg))
     assert {j["kind"] for j in jobs} == {"pipeline"}
-    assert all(j["stream"]["first_chunk_frames"] == 8 for j in jobs)
+    assert all(j["stream"]["first_chunk_frames"] == 16 for j in jobs)
 
 
 def test_playback_gaps_count_the_silence_after_each_late_chunk() -> None:
