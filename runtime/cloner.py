@@ -89,6 +89,24 @@ def open_graph(
     return backend, served
 
 
+def stack_configs(records: Sequence[Record]) -> tuple[se.SpeakerEncoderConfig, SynthesizerConfig, MelConfig,
+                                                       dict[str, str]]:
+    """The stack's encoder, synthesizer and mel configs and each component's weights provenance, from
+    the bundle's source records (what every cloner, local or remote, is built around)."""
+    by_component = {r.component: r for r in records if r.stage == "source"}
+    return (se.SpeakerEncoderConfig.from_dict(by_component["speaker_encoder"].model["config"]),
+            SynthesizerConfig.from_dict(by_component["synthesizer"].model["config"]),
+            MelConfig.from_dict(by_component["vocoder"].contract["mel"]),
+            {c: r.weights for c, r in by_component.items()})
+
+
+def reference_partials(wav: np.ndarray, sample_rate: int, cfg: se.SpeakerEncoderConfig) -> np.ndarray:
+    """Reference speech -> the speaker encoder's partial-utterance mels (n, frames, n_mels): the front end
+    of `VoiceCloner.embed` (AudioError if too little voiced speech)."""
+    processed = se.preprocess_wav(np.asarray(wav, dtype=np.float32), sample_rate, cfg)
+    return se.partial_mels(processed, cfg).astype(np.float32)
+
+
 class VocoderOnly:
     """Just the vocoder of a bundle: copy synthesis (`voxport vocode`) and benchmarks."""
 
@@ -126,11 +144,7 @@ class VoiceCloner:
             self._backends[key], self.served[key] = open_graph(
                 records, self.bundle_dir, component, graph, preference, strict, threads, host, cpu_arena
             )
-        by_component = {r.component: r for r in records if r.stage == "source"}
-        self.encoder_cfg = se.SpeakerEncoderConfig.from_dict(by_component["speaker_encoder"].model["config"])
-        self.synth_cfg = SynthesizerConfig.from_dict(by_component["synthesizer"].model["config"])
-        self.mel_cfg = MelConfig.from_dict(by_component["vocoder"].contract["mel"])
-        self.weights = {c: r.weights for c, r in by_component.items()}
+        self.encoder_cfg, self.synth_cfg, self.mel_cfg, self.weights = stack_configs(records)
 
     @property
     def sample_rate(self) -> int:
@@ -138,9 +152,7 @@ class VoiceCloner:
 
     def embed(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
         """Reference speech -> 256-d unit embedding. AudioError if too little voiced speech."""
-        processed = se.preprocess_wav(np.asarray(wav, dtype=np.float32), sample_rate, self.encoder_cfg)
-        mels = se.partial_mels(processed, self.encoder_cfg).astype(np.float32)
-        return se.mean_embedding(self.embed_partials(mels))
+        return se.mean_embedding(self.embed_partials(reference_partials(wav, sample_rate, self.encoder_cfg)))
 
     def embed_partials(self, mels: np.ndarray) -> np.ndarray:
         """Partial-utterance mels (n, frames, n_mels) -> their (n, dim) embeddings: the encoder graph alone

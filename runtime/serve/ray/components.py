@@ -36,7 +36,7 @@ from voxport.errors import BackendUnavailable, ConfigError
 from voxport.models import speaker_frontend as se
 from voxport.pipeline.records import read_bundle
 from voxport.runtime.backends.base import verified_artifact
-from voxport.runtime.cloner import VoiceCloner
+from voxport.runtime.cloner import VoiceCloner, reference_partials
 from voxport.runtime.host import detect
 from voxport.runtime.select import ranked
 from voxport.runtime.streaming import StreamConfig
@@ -134,9 +134,8 @@ class SpeakerEncoder(Component):
 
     async def embed(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
         """Reference speech -> unit embedding, as `VoiceCloner.embed` (front end here, graph batched)."""
-        cfg = self.cloner.encoder_cfg
-        processed = await asyncio.to_thread(se.preprocess_wav, np.asarray(wav, np.float32), sample_rate, cfg)
-        mels = se.partial_mels(processed, cfg).astype(np.float32)  # AudioError: too little voiced speech
+        # AudioError: too little voiced speech
+        mels = await asyncio.to_thread(reference_partials, wav, sample_rate, self.cloner.encoder_cfg)
         partials = await self.embed_batch(mels)
         return se.mean_embedding(partials)
 

@@ -22,12 +22,9 @@ import numpy as np
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError, TaskCancelledError
 
 from voxport.errors import Cancelled, ReplicaUnavailable, RequestTimeout, VoxportError
-from voxport.models import speaker_frontend as se
-from voxport.models.audio import MelConfig
-from voxport.models.synthesizer_config import SynthesizerConfig
 from voxport.pipeline.records import read_bundle
 from voxport.runtime import streaming
-from voxport.runtime.cloner import Served
+from voxport.runtime.cloner import Served, stack_configs
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +72,7 @@ class RemoteCloner:
                  timeout_s: float) -> None:
         self.bundle_dir = Path(bundle_dir)
         self._handles, self.timeout_s = handles, timeout_s
-        by_component = {r.component: r for r in read_bundle(self.bundle_dir) if r.stage == "source"}
-        self.encoder_cfg = se.SpeakerEncoderConfig.from_dict(by_component["speaker_encoder"].model["config"])
-        self.synth_cfg = SynthesizerConfig.from_dict(by_component["synthesizer"].model["config"])
-        self.mel_cfg = MelConfig.from_dict(by_component["vocoder"].contract["mel"])
-        self.weights = {c: r.weights for c, r in by_component.items()}
+        self.encoder_cfg, self.synth_cfg, self.mel_cfg, self.weights = stack_configs(read_bundle(self.bundle_dir))
         self.served: dict[str, Served] = {}
         for report in reports.values():
             for key, graph in report["graphs"].items():
