@@ -46,10 +46,10 @@ def pruned_candidate(parent: Record, parent_module: nn.Module, pruned: nn.Module
         precision="fp32", file=path.name, sha256="", weights=parent.weights, stage="prune", parent=parent.file,
         parent_sha256=parent.sha256, model=model, contract=parent.contract,
         config={**config.to_dict(), "pruning": details, "size": size,
-                "sidecars": [details["distill"]["curve_png"]] if details.get("distill") else []},
+                "sidecars": [details[k]["curve_png"] for k in ("distill", "finetune") if details.get(k)]},
         sparsity=float(sparsity), speed=size)
-    distilled = details.get("distill")
-    tuned = ("distilled" + (" (TIME CAP HIT)" if distilled["time_cap_hit"] else "") if distilled
-             else "fine-tuned" if details.get("finetune") else "no fine-tune")
+    tuned = ", ".join(f"{name}{' (TIME CAP HIT)' if details[key].get('time_cap_hit') else ''}"
+                      for key, name in (("distill", "distilled"), ("finetune", "fine-tuned")) if details.get(key))
+    tuned = tuned or "no fine-tune"
     return Candidate([draft], {"label": f"{stem} ({details['method']}, sparsity {sparsity:.2f}, {tuned})",
                                "pruning": details, "size": size})

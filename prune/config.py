@@ -10,7 +10,7 @@ from typing import Any
 from voxport.errors import ConfigError
 
 IMPORTANCES = ("obs", "l1")
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "gate")
 FINETUNE_TARGETS = ("fp32", "recording")
 
 
@@ -25,9 +25,19 @@ class PruneConfig:
     damp: float = 1e-3  # structured obs: ridge damping of the activation second moments
     calibration_clips: int = 12  # real speech of the calib split (statistics, fine-tune)
     calibration_seconds: float = 3.0
-    finetune_seconds: float = 0.0  # optional copy-synthesis fine-tune after structured pruning
-    finetune_lr: float = 1e-5
+    # allocation `gate`: each pair probed alone at this share of its channels, scored by the gate
+    sensitivity_probe: float = 0.5
+    sensitivity_clips: int = 4  # calibration clips (calib split) of each probe
+    sensitivity_seconds: float = 1.5
+    # Distillation fine-tune after structured pruning (prune/finetune.py): the FP32 model teaches.
+    finetune_steps: int = 0  # Adam steps (fixed: the run is deterministic); 0 = off
+    finetune_seconds: float = 600.0  # wall-time cap; when hit, training stops and the record says so
+    finetune_lr: float = 3e-6
     finetune_target: str = "fp32"  # fp32 (the teacher's output) | recording
+    finetune_crop_frames: int = 32  # frames the loss sees per crop
+    finetune_context_frames: int = 8  # frames of context on each side of a crop, not in the loss
+    finetune_batch: int = 4
+    finetune_stft_weight: float = 0.0  # weight of the multi-resolution STFT term beside the gate's log-mel
     # Block-wise distillation after structured pruning (prune/distill.py): per level, a least-squares
     # re-fit of every convs2 from the student's own activations, then `distill_steps` Adam steps.
     distill: bool = False
@@ -51,18 +61,26 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and 0.0 <= value < 1.0):
                 raise ConfigError(f"prune.{name} must be a number in [0, 1), got {value!r}")
-        if self.calibration_clips < 1 or self.calibration_seconds <= 0 or self.finetune_seconds < 0:
-            raise ConfigError("prune.calibration_clips must be >= 1, calibration_seconds > 0, finetune_seconds >= 0")
-        ints = ("distill_steps", "distill_clips", "distill_crops", "distill_crop_frames", "distill_batch")
+        if self.calibration_clips < 1 or self.calibration_seconds <= 0:
+            raise ConfigError("prune.calibration_clips must be >= 1 and calibration_seconds > 0")
+        zero_ok = ("distill_steps", "finetune_steps", "finetune_context_frames")
+        ints = ("distill_clips", "distill_crops", "distill_crop_frames", "distill_batch", "sensitivity_clips",
+                "finetune_crop_frames", "finetune_batch", *zero_ok)
         for name in ints:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "distill_steps" else 1):
-                raise ConfigError(f"prune.{name} must be an integer >= {0 if name == 'distill_steps' else 1}, "
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in zero_ok else 1):
+                raise ConfigError(f"prune.{name} must be an integer >= {0 if name in zero_ok else 1}, "
                                   f"got {value!r}")
+        if not (isinstance(self.sensitivity_probe, int | float) and 0.0 < self.sensitivity_probe < 1.0):
+            raise ConfigError(f"prune.sensitivity_probe must be a number in (0, 1), got {self.sensitivity_probe!r}")
+        if isinstance(self.finetune_stft_weight, bool) or not isinstance(self.finetune_stft_weight, int | float) \
+                or self.finetune_stft_weight < 0:
+            raise ConfigError(f"prune.finetune_stft_weight must be a number >= 0, got {self.finetune_stft_weight!r}")
         if self.distill_batch > self.distill_crops:
             raise ConfigError(f"prune.distill_batch ({self.distill_batch}) cannot exceed prune.distill_crops "
                               f"({self.distill_crops})")
-        for name in ("distill_seconds", "distill_lr", "distill_damp"):
+        for name in ("distill_seconds", "distill_lr", "distill_damp", "finetune_seconds", "finetune_lr",
+                     "sensitivity_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"prune.{name} must be a number > 0, got {value!r}")

@@ -12,8 +12,8 @@ import torch
 from conftest import run_stage, stage_context
 from torch import nn
 
-from voxport.errors import GateError
-from voxport.evaluate import inputs
+from voxport.errors import ConfigError, GateError
+from voxport.evaluate import inputs, metrics
 from voxport.models import registry
 from voxport.models.checkpoint import sha256_file
 from voxport.models.vocoder import V1_22K_UNIVERSAL, VocoderConfig, load_vocoder, seeded_vocoder
@@ -21,7 +21,7 @@ from voxport.models.weights import bundled_weights
 from voxport.pipeline.engine import BuildContext
 from voxport.pipeline.records import Record, read_record, write_record
 from voxport.prune.channels import _obs, prune_vocoder
-from voxport.prune.finetune import finetune
+from voxport.prune.finetune import finetune, gate_log_mel_loss
 from voxport.prune.flops import count_macs, vocoder_flops_per_second
 from voxport.prune.magnitude import magnitude_prune, weight_sparsity
 
@@ -150,17 +150,70 @@ def _blocks(cfg: VocoderConfig) -> list[tuple[int, int]]:
             for k in cfg.resblock_kernel_sizes]
 
 
-def test_finetune_is_bounded_and_leaves_torch_settings_alone(corpus):
+def test_finetune_is_deterministic_bounded_and_leaves_torch_settings_alone(corpus):
     cfg = VocoderConfig("1", (8, 8, 2, 2), (16, 16, 4, 4), 32, (3,), ((1, 3),), mel=V1_22K_UNIVERSAL.mel)
-    teacher, student = seeded_vocoder(cfg, 1), seeded_vocoder(cfg, 2)
+    teacher = seeded_vocoder(cfg, 1)
     clips = inputs.speech_clips(corpus, cfg.mel, 2, 1.0, split="calib")
-    before_w = student.conv_pre.weight.clone()
     settings = torch_settings()
-    stats = finetune(student, teacher, clips, seconds=1.0, crop_frames=8)
-    assert same_settings(settings, torch_settings())
-    assert stats["steps"] >= 1 and stats["seconds"] < 30
-    assert not torch.equal(before_w, student.conv_pre.weight) and not student.training
-    assert finetune(student, teacher, clips, seconds=0)["steps"] == 0
+    runs = []
+    for _ in range(2):
+        student = seeded_vocoder(cfg, 2)
+        before_w = student.conv_pre.weight.clone()
+        stats = finetune(student, teacher, clips, steps=3, seconds=60, lr=1e-4, crop_frames=8, context_frames=2)
+        assert same_settings(settings, torch_settings())
+        assert stats["steps_done"] == 3 and not stats["time_cap_hit"] and len(stats["losses"]) == 3
+        assert not torch.equal(before_w, student.conv_pre.weight) and not student.training
+        runs.append(student.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # same seed, same steps: same weights
+    # The wall-time cap stops a run and says so; zero steps is off.
+    capped = finetune(seeded_vocoder(cfg, 2), teacher, clips, steps=10_000, seconds=0.5, crop_frames=8,
+                      context_frames=2)
+    assert capped["time_cap_hit"] and 1 <= capped["steps_done"] < 10_000
+    assert finetune(student, teacher, clips, steps=0)["steps_done"] == 0
+    with pytest.raises(ConfigError, match="mel frames"):
+        finetune(student, teacher, clips, steps=1, crop_frames=400, context_frames=8)
+
+
+def test_gate_log_mel_loss_is_the_gate_metric(corpus):
+    """The fine-tune optimises exactly what the gate measures: metrics.log_mel_distance_db."""
+    clips = inputs.speech_clips(corpus, V1_22K_UNIVERSAL.mel, 2, 1.0, split="calib")
+    rng = np.random.default_rng(0)
+    for clip in clips:
+        ref = clip.wav.astype(np.float32)
+        for test in (ref + 0.01 * rng.standard_normal(ref.size).astype(np.float32), 0.5 * ref, np.roll(ref, 7)):
+            expected = metrics.log_mel_distance_db(ref, test, 22050)
+            got = float(gate_log_mel_loss(torch.from_numpy(test)[None], torch.from_numpy(ref)[None], 22050))
+            assert got == pytest.approx(expected, rel=2e-3, abs=2e-3)
+    pred = torch.from_numpy(clips[0].wav.astype(np.float32) * 0.7)[None].requires_grad_(True)
+    gate_log_mel_loss(pred, torch.from_numpy(clips[0].wav.astype(np.float32))[None], 22050).backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+
+
+def test_gate_allocation_cuts_where_the_listener_hears_least(real_vocoder, corpus):
+    """Allocation `gate` probes each pair alone and spends the budget where the listener's cost per
+    FLOP is lowest. The listener here charges for the 32-channel level only: the plan must leave
+    that level whole, still reach the target exactly, and record every probe."""
+    clips = inputs.speech_clips(corpus, real_vocoder.cfg.mel, 1, 0.3, split="calib")
+    mels = [torch.from_numpy(c.mel[None].astype(np.float32)) for c in clips]
+    probes = []
+
+    def listen(model):
+        widths = model.cfg.resblock_inner_channels
+        probes.append(widths)
+        cost = sum(32 - w for row in widths[9:] for w in row)  # only level 4 (resblocks 9-11) is heard
+        return float(cost), {"probe_cost": cost}
+
+    pruned, details = prune_vocoder(real_vocoder, 0.1, "obs", "gate", mels, listen=listen, probe=0.5)
+    assert len(probes) == 36  # every pair probed once, alone
+    widths = details["inner_channels"]
+    assert [list(r) for r in widths[9:]] == [[32, 32, 32]] * 3
+    base, small = vocoder_flops_per_second(real_vocoder), vocoder_flops_per_second(pruned)
+    assert 1 - small["flops_per_audio_second"] / base["flops_per_audio_second"] == pytest.approx(0.1, abs=0.005)
+    pairs = details["sensitivity"]["pairs"]
+    assert len(pairs) == 36 and {p["pair"] for p in pairs if p["cut"]}.isdisjoint(
+        {f"resblocks.{j}.convs1/2.{k}" for j in (9, 10, 11) for k in range(3)})
+    with pytest.raises(ConfigError, match="allocation 'gate'"):
+        prune_vocoder(real_vocoder, 0.1, "obs", "gate", mels)  # no listener
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,3 +272,51 @@ def test_structured_stage_writes_smaller_torch_and_onnx_artifacts(ctx: BuildCont
     assert onnx_record.parity["wav_snr_db_min"] >= 100.0
     rebuilt = registry.load_torch_artifact(ctx.bundle_dir / torch_record.file, torch_record.model)
     assert rebuilt.cfg.resblock_inner_channels is not None
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"allocation": "ears"}, "prune.allocation"), ({"sensitivity_probe": 1.0}, "sensitivity_probe"),
+    ({"sensitivity_clips": 0}, "sensitivity_clips"), ({"sensitivity_seconds": 0}, "sensitivity_seconds"),
+    ({"finetune_steps": -1}, "finetune_steps"), ({"finetune_steps": 2.5}, "finetune_steps"),
+    ({"finetune_seconds": 0}, "finetune_seconds"), ({"finetune_lr": 0}, "finetune_lr"),
+    ({"finetune_context_frames": -1}, "finetune_context_frames"), ({"finetune_batch": 0}, "finetune_batch"),
+    ({"finetune_stft_weight": -1}, "finetune_stft_weight"), ({"finetune_target": "mel"}, "finetune_target"),
+])
+def test_bad_allocation_and_finetune_settings_are_named(bad, needle):
+    from voxport.prune.config import PruneConfig
+
+    with pytest.raises(ConfigError, match=needle):
+        PruneConfig(**bad)
+
+
+def test_every_allocation_and_finetune_setting_keys_the_stage_cache():
+    from voxport.pipeline.passes import pass_kind
+
+    kind = pass_kind("prune_structured")
+    base = kind.key_fields(kind.config({}))
+    for name, value in (("allocation", "gate"), ("sensitivity_probe", 0.25), ("sensitivity_clips", 8),
+                        ("sensitivity_seconds", 3.0), ("finetune_steps", 10), ("finetune_seconds", 60.0),
+                        ("finetune_lr", 1e-5), ("finetune_crop_frames", 16), ("finetune_context_frames", 4),
+                        ("finetune_batch", 2), ("finetune_stft_weight", 1.0), ("finetune_target", "recording")):
+        assert kind.key_fields(kind.config({name: value})) != base, name
+
+
+@pytest.mark.slow
+def test_gate_allocated_finetuned_stage_records_its_probes_and_curve(ctx: BuildContext):
+    """The whole pass on the real V1 weights: 36 probes judged by the real gate on calibration
+    speech, a short distillation fine-tune, the engine's held-out judgement; the record keeps every
+    probe and every step's loss, and the curve PNG sits beside the model as a sidecar."""
+    cfg = {**FAST, "sparsity": 0.05, "allocation": "gate", "sensitivity_clips": 1, "sensitivity_seconds": 0.5,
+           "finetune_steps": 2, "finetune_crop_frames": 8, "finetune_context_frames": 2}
+    record = run_stage(ctx, "prune_structured", ctx.records[0], cfg)
+    assert record.file == "vocoder_pruned_obs_structured_5_finetuned.pt"
+    pruning = record.config["pruning"]
+    pairs = pruning["sensitivity"]["pairs"]
+    assert len(pairs) == 36 and all("log_mel_increase_db" in p and "pesq_drop" in p for p in pairs)
+    assert sum(p["cut"] for p in pairs) > 0 and pruning["allocation"] == "gate"
+    tuned = pruning["finetune"]
+    assert tuned["steps_done"] == 2 and len(tuned["losses"]) == 2 and not tuned["time_cap_hit"]
+    png = ctx.bundle_dir / tuned["curve_png"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and record.config["sidecars"] == [png.name]
+    assert record.speed["flops_reduction"] == pytest.approx(0.05, abs=0.005)
+    assert record.quality["log_mel_distance_increase_db"] <= 0.3  # judged on held-out clips by the engine

@@ -63,7 +63,8 @@ class Vocoder(Component):
 
     def baseline(self, clips: list[SpeechClip]) -> dict[str, Any]:
         """Copy synthesis of `clips` by the PyTorch FP32 original: computed once per build."""
-        return self.cached(f"baseline:{self.source.sha256}:{[c.id for c in clips]}",
+        # Keyed by length too: the same recording is cropped differently by different judges.
+        return self.cached(f"baseline:{self.source.sha256}:{[(c.id, len(c.wav)) for c in clips]}",
                            lambda: quality.copy_synthesis_quality(self.reference_runner("vocoder"), clips,
                                                                   self.mel_cfg.sample_rate))
 
