@@ -29,6 +29,7 @@ class PruneConfig:
     sensitivity_probe: float = 0.5
     sensitivity_clips: int = 4  # calibration clips (calib split) of each probe
     sensitivity_seconds: float = 1.5
+    sensitivity_pesq_weight: float = 0.0  # + this x the PESQ drop's share of the gate in a probe's cost
     # Distillation fine-tune after structured pruning (prune/finetune.py): the FP32 model teaches.
     finetune_steps: int = 0  # Adam steps (fixed: the run is deterministic); 0 = off
     finetune_seconds: float = 600.0  # wall-time cap; when hit, training stops and the record says so
@@ -73,9 +74,10 @@ class PruneConfig:
                                   f"got {value!r}")
         if not (isinstance(self.sensitivity_probe, int | float) and 0.0 < self.sensitivity_probe < 1.0):
             raise ConfigError(f"prune.sensitivity_probe must be a number in (0, 1), got {self.sensitivity_probe!r}")
-        if isinstance(self.finetune_stft_weight, bool) or not isinstance(self.finetune_stft_weight, int | float) \
-                or self.finetune_stft_weight < 0:
-            raise ConfigError(f"prune.finetune_stft_weight must be a number >= 0, got {self.finetune_stft_weight!r}")
+        for name in ("finetune_stft_weight", "sensitivity_pesq_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"prune.{name} must be a number >= 0, got {value!r}")
         if self.distill_batch > self.distill_crops:
             raise ConfigError(f"prune.distill_batch ({self.distill_batch}) cannot exceed prune.distill_crops "
                               f"({self.distill_crops})")

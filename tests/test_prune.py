@@ -281,6 +281,7 @@ def test_structured_stage_writes_smaller_torch_and_onnx_artifacts(ctx: BuildCont
     ({"finetune_seconds": 0}, "finetune_seconds"), ({"finetune_lr": 0}, "finetune_lr"),
     ({"finetune_context_frames": -1}, "finetune_context_frames"), ({"finetune_batch": 0}, "finetune_batch"),
     ({"finetune_stft_weight": -1}, "finetune_stft_weight"), ({"finetune_target": "mel"}, "finetune_target"),
+    ({"sensitivity_pesq_weight": -0.5}, "sensitivity_pesq_weight"),
 ])
 def test_bad_allocation_and_finetune_settings_are_named(bad, needle):
     from voxport.prune.config import PruneConfig
@@ -295,7 +296,8 @@ def test_every_allocation_and_finetune_setting_keys_the_stage_cache():
     kind = pass_kind("prune_structured")
     base = kind.key_fields(kind.config({}))
     for name, value in (("allocation", "gate"), ("sensitivity_probe", 0.25), ("sensitivity_clips", 8),
-                        ("sensitivity_seconds", 3.0), ("finetune_steps", 10), ("finetune_seconds", 60.0),
+                        ("sensitivity_seconds", 3.0), ("sensitivity_pesq_weight", 1.0), ("finetune_steps", 10),
+                        ("finetune_seconds", 60.0),
                         ("finetune_lr", 1e-5), ("finetune_crop_frames", 16), ("finetune_context_frames", 4),
                         ("finetune_batch", 2), ("finetune_stft_weight", 1.0), ("finetune_target", "recording")):
         assert kind.key_fields(kind.config({name: value})) != base, name

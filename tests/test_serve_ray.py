@@ -183,7 +183,10 @@ def local_parts(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         replica_id=ReplicaID("local", DeploymentID("local", "voxport-test")), servable_object=None,
         _deployment_config=DeploymentConfig(max_ongoing_requests=16), rank=None, world_size=1)
     settings = _settings(bundle, tmp_path_factory.mktemp("voices"),
+                         # Batch windows wide enough that two requests sent together meet even on a
+                         # loaded host (the encoder's default window missed once at load average 4).
                          ray=RaySettings.from_cfg({"synthesizer_progress_steps": 2,
+                                                   "speaker_encoder": {"batch_wait_timeout_s": 0.5},
                                                    "vocoder": {"batch_wait_timeout_s": 0.2}}))
     handles = {name: serve.run(app, name=f"local-{name}", route_prefix=None, _local_testing_mode=True)
                for name, app in components(settings, None).items()}
