@@ -18,6 +18,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SEARCHES = ("none", "bisect", "greedy")
 RANK_BY = ("error", "error_per_mac")
 ENGINES = ("onnxruntime", "torch")
+SEARCH_REFERENCES = ("original", "parent")
 INT8_TYPES = ("int8", "uint8")
 
 
@@ -46,6 +47,11 @@ class QuantizeConfig:
     search_seconds: float = 1.5
     search_margin: float = 0.7  # fraction of the gate the search must meet on calibration clips
     search_max_trials: int = 12
+    # What the static search measures its budget against on calibration clips: the PyTorch FP32
+    # `original` (the whole chain must fit margin x gate there), or the stage's `parent` (only
+    # what INT8 adds must fit; a pruned parent's own cost is judged by the final held-out gate).
+    # Either way the artifact itself is gated against the original on held-out clips.
+    search_reference: str = "original"
     # Dynamic INT8
     engine: str = "onnxruntime"
     dynamic_op_types: tuple[str, ...] = ("LSTM", "MatMul", "Gemm")
@@ -56,7 +62,8 @@ class QuantizeConfig:
         for name in ("op_types", "exclude_op_types", "exclude_nodes", "dynamic_op_types"):
             object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name) or ()))
         checks = [("calibration", CALIBRATION_METHODS), ("search", SEARCHES), ("rank_by", RANK_BY),
-                  ("engine", ENGINES), ("weight_type", INT8_TYPES), ("activation_type", INT8_TYPES)]
+                  ("engine", ENGINES), ("search_reference", SEARCH_REFERENCES), ("weight_type", INT8_TYPES),
+                  ("activation_type", INT8_TYPES)]
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"quantize.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -97,5 +104,5 @@ _SEARCH = ("search", "rank_by", "rank_clips", "rank_seconds", "search_clips", "s
            "search_max_trials", "graph")
 STATIC_FIELDS = ("calibration", "percentile", "histogram_bins", "per_channel", "reduce_range", "calibration_clips",
                  "crop_seconds", "op_types", "exclude_op_types", "exclude_nodes", "keep_output_layer_float",
-                 "weight_type", "activation_type", *_SEARCH)
+                 "weight_type", "activation_type", "search_reference", *_SEARCH)
 DYNAMIC_FIELDS = ("engine", "dynamic_op_types", "reduce_range", "weight_type", *_SEARCH)

@@ -24,6 +24,7 @@ import torch
 
 from voxport.errors import ConfigError, GateError
 from voxport.evaluate import metrics
+from voxport.evaluate.components.base import Runner
 from voxport.evaluate.inputs import SpeechClip
 from voxport.export.onnx import ort_runner
 from voxport.pipeline.passes import Candidate, PassContext, artifact_name
@@ -64,7 +65,8 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
         # and gives the exact scales ORT chose, which the ranking emulates.
         every = qdq.quantize(pre, work / "all.onnx", qc, candidates, cache, feeds)
         timings["calibration_s"] = time.perf_counter() - t0
-        result = _mixed_precision(qc, pre, pre_model, every, cache, candidates, spec, ctx, work)
+        reference = ort_runner(ctx.bundle_dir / parent.file, ctx.threads) if qc.search_reference == "parent" else None
+        result = _mixed_precision(qc, pre, pre_model, every, cache, candidates, spec, ctx, work, reference)
         timings["search_s"] = result.seconds
         if not result.quantized:
             raise GateError(out.name, ["no layer can be quantized within the gate on calibration clips"],
@@ -84,6 +86,8 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
         raise
     float_nodes = {**kept, **result.float_nodes}
     search_figures = result.describe("log-mel distance vs FP32 output, one layer quantized (dB)")
+    search_figures["budget_reference"] = (f"the parent {parent.file} (quantize.search_reference=parent)"
+                                          if qc.search_reference == "parent" else "the PyTorch FP32 original")
     log.info("%s: %d layers INT8, %d float", out.name, len(result.quantized), len(float_nodes))
     draft = Record(
         component=parent.component, graph=parent.graph, format="onnx", precision=PRECISION, file=out.name,
@@ -100,7 +104,8 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
 
 
 def _mixed_precision(qc: QuantizeConfig, pre: Path, pre_model: Any, every: Path, cache: Path,
-                     candidates: list[str], spec: Any, ctx: PassContext, work: Path) -> search.SearchResult:
+                     candidates: list[str], spec: Any, ctx: PassContext, work: Path,
+                     reference: Runner | None = None) -> search.SearchResult:
     mel_cfg = spec.module.generator.cfg.mel
     rate = mel_cfg.sample_rate
     macs: dict[str, float] = {}
@@ -124,7 +129,7 @@ def _mixed_precision(qc: QuantizeConfig, pre: Path, pre_model: Any, every: Path,
         return ranked
 
     judge = ctx.component.search_judge(spec.name, PRECISION, qc.search_margin, clips=qc.search_clips,
-                                       seconds=qc.search_seconds)
+                                       seconds=qc.search_seconds, reference=reference)
 
     def evaluate(nodes: list[str]) -> search.Trial:
         path = every if len(nodes) == len(candidates) else qdq.quantize(pre, work / "trial.onnx", qc, nodes, cache)

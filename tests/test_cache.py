@@ -54,6 +54,9 @@ def test_a_calibration_change_decides_the_static_pass_only() -> None:
     assert static.key_fields(base) != static.key_fields(entropy)
     assert dynamic.key_fields(base) == dynamic.key_fields(entropy)
     assert dynamic.key_fields(base) != dynamic.key_fields(QuantizeConfig(search_margin=0.5))
+    parent_budget = QuantizeConfig(search_reference="parent")  # a static search setting only
+    assert static.key_fields(base) != static.key_fields(parent_budget)
+    assert dynamic.key_fields(base) == dynamic.key_fields(parent_budget)
 
 
 def test_keys_are_stable_and_order_free() -> None:

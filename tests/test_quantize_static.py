@@ -7,6 +7,7 @@ Short clips and MinMax calibration keep this fast; the stage itself is what `vox
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_stage, stage_context
@@ -217,8 +218,9 @@ def test_static_int8_chains_after_structured_pruning_and_is_gated_against_the_or
     # budget keeps this test about the chain, not about how much of the budget pruning left.
     ctx.gates["vocoder"]["int8-static"] = {"max_log_mel_increase_db": 1.0, "max_pesq_drop": 0.4,
                                            "require_speedup": False}
-    record = run_stage(ctx, "quantize_static", pruned, {**FAST, "exclude_nodes": STAGE1})
+    record = run_stage(ctx, "quantize_static", pruned, {**FAST, "exclude_nodes": STAGE1, "search_reference": "parent"})
     assert record.file == "vocoder_pruned_obs_structured_5_int8_static.onnx"
+    assert record.parity["search"]["budget_reference"].startswith(f"the parent {pruned.file}")
     assert sha256_file(ctx.bundle_dir / pruned.file) == pruned_sha  # the parent is never written over
     assert record.parent == pruned.file and record.model == pruned.model
     assert record.model["config"]["resblock_inner_channels"]  # the pruned network's shape, not V1's
@@ -229,6 +231,32 @@ def test_static_int8_chains_after_structured_pruning_and_is_gated_against_the_or
     assert record.quality["fp32_log_mel_distance_db"] == pytest.approx(original["log_mel_distance_db"])
     assert record.quality["log_mel_distance_increase_db"] <= 1.0
     assert record.parity["integer_ops"]["runtime"]["QLinearConv"] > 0
+
+
+def test_the_search_budget_is_measured_against_the_reference_it_is_given(ctx: BuildContext):
+    """`quantize.search_reference=parent`: the search's calibration budget counts only what INT8 adds
+    to the parent (a pruned parent's own cost is left to the final held-out gate vs the original)."""
+    from voxport.export.onnx import ort_runner
+
+    vocoder = ctx.component("vocoder")
+    fp32 = ort_runner(ctx.bundle_dir / parent(ctx).file)
+
+    def degraded(feed):  # a stand-in for a lossy parent: the FP32 export plus a fixed hiss 30 dB down
+        wav = fp32(feed)["wav"]
+        hiss = np.random.default_rng(0).standard_normal(wav.shape).astype(np.float32)
+        return {"wav": wav + hiss * float(np.sqrt(np.mean(wav ** 2))) * 10 ** (-30 / 20)}
+
+    to_original = vocoder.search_judge("vocoder", "int8-static", 0.7, clips=2, seconds=1.0)
+    to_parent = vocoder.search_judge("vocoder", "int8-static", 0.7, clips=2, seconds=1.0, reference=degraded)
+    figures, _ = to_original.evaluate(degraded)
+    assert figures["log_mel_distance_increase_db"] > 0.05  # the hiss costs against the original
+    figures, failures = to_parent.evaluate(degraded)
+    assert figures["log_mel_distance_increase_db"] == pytest.approx(0.0, abs=1e-9) and not failures
+    assert figures["fp32_log_mel_distance_db"] > vocoder.baseline(to_parent.clips)["log_mel_distance_db"]
+    figures, _ = to_parent.evaluate(fp32)  # the clean model is BETTER than this reference
+    assert figures["log_mel_distance_increase_db"] < 0
+    with pytest.raises(ConfigError, match="search_reference"):
+        QuantizeConfig(search_reference="pruned")
 
 
 def test_timing_tries_every_session_variant_and_records_the_fastest(bundle: Path, corpus, tmp_path: Path) -> None:

@@ -77,8 +77,9 @@ class Vocoder(Component):
         return figures, failures
 
     def search_judge(self, graph: str, precision: str, margin: float, clips: int = 4,
-                     seconds: float = 1.5) -> SearchJudge:
-        return _VocoderSearch(self, self.gate(precision), margin, clips, seconds)
+                     seconds: float = 1.5, reference: Runner | None = None) -> SearchJudge:
+        """`reference`: what the budget is measured against (default the PyTorch FP32 original)."""
+        return _VocoderSearch(self, self.gate(precision), margin, clips, seconds, reference)
 
     def timing_feed(self, graph: str, seconds: float) -> TimingFeed:
         """`seconds` of one real held-out recording (the first real one long enough, by id)."""
@@ -153,16 +154,24 @@ def _frames(items: list, mel: Mapping[str, Any]) -> tuple[dict[str, list[int]], 
 class _VocoderSearch(SearchJudge):
     error_name = "log-mel distance vs FP32 output, one layer quantized (dB)"
 
-    def __init__(self, vocoder: Vocoder, gate: VocoderGate, margin: float, clips: int, seconds: float) -> None:
+    def __init__(self, vocoder: Vocoder, gate: VocoderGate, margin: float, clips: int, seconds: float,
+                 reference: Runner | None = None) -> None:
         self.vocoder = vocoder
         self.clips = vocoder.gate_clips("calib", seconds)[:clips]
         self.rate = vocoder.mel_cfg.sample_rate
         self.gate = {**_thresholds(gate), "max_log_mel_increase_db": gate.max_log_mel_increase_db * margin,
                      "max_pesq_drop": gate.max_pesq_drop * margin}
+        self.reference = reference
+        self._reference_baseline: dict[str, Any] | None = None
 
     def evaluate(self, run_test: Runner) -> Judgement:
-        figures, failures, _ = quality.vocoder_gate(self.vocoder.reference_runner("vocoder"), run_test, self.clips,
-                                                    self.rate, self.gate, self.vocoder.baseline(self.clips))
+        if self.reference is None:
+            run_ref, baseline = self.vocoder.reference_runner("vocoder"), self.vocoder.baseline(self.clips)
+        else:  # the reference's copy synthesis once per search, not once per trial
+            if self._reference_baseline is None:
+                self._reference_baseline = quality.copy_synthesis_quality(self.reference, self.clips, self.rate)
+            run_ref, baseline = self.reference, self._reference_baseline
+        figures, failures, _ = quality.vocoder_gate(run_ref, run_test, self.clips, self.rate, self.gate, baseline)
         return {k: v for k, v in figures.items() if k != "gate"}, failures
 
     def error(self, figures: Mapping[str, Any]) -> float:
