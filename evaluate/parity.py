@@ -57,8 +57,18 @@ def vocoder(
         "wav_max_abs_vs_torch_fp32": max(max_abs, default=float("nan")),
         "reference": "PyTorch float64 evaluation of the same weights",
     }
-    if not snr64 or figures["wav_snr_db_min"] < tol["min_snr_db"]:
-        failures.append(f"vocoder: waveform SNR {figures['wav_snr_db_min']:.1f} dB < {tol['min_snr_db']} dB")
+    # A clip below `min_snr_db` still passes when the export is at least as close to the exact
+    # result as PyTorch FP32 itself (`accept_torch_floor`): a fine-tuned pruned HiFi-GAN measured
+    # ONNX 94.4 dB from float64 where PyTorch FP32 was 90.5 dB; the export was not what was inexact.
+    accept_floor = bool(tol.get("accept_torch_floor", False))
+    below = [i for i, v in enumerate(snr64) if v < tol["min_snr_db"]]
+    by_floor = [i for i in below if accept_floor and snr64[i] >= floor[i]]
+    figures["clips_passed_by_torch_floor"] = len(by_floor)
+    if not snr64 or len(below) > len(by_floor):
+        worst = min((snr64[i] - floor[i] for i in below if i not in by_floor), default=float("nan"))
+        floor_note = f" and {-worst:.1f} dB less exact than PyTorch FP32 itself" if accept_floor and below else ""
+        failures.append(f"vocoder: waveform SNR {figures['wav_snr_db_min']:.1f} dB < {tol['min_snr_db']} dB"
+                        + floor_note)
     return figures, failures
 
 

@@ -24,6 +24,7 @@ from voxport.models.vocoder import (
     HiFiGANGenerator,
     VocoderConfig,
     copy_synthesis,
+    example_inputs,
     fold_weight_norm,
     graph_spec,
     load_vocoder,
@@ -244,3 +245,35 @@ def test_copy_synthesis_of_real_speech(universal, speech):
 def test_copy_synthesis_refuses_a_different_config(universal, speech):
     with pytest.raises(ConfigError, match="cfg differs"):
         copy_synthesis(universal, next(iter(speech.values())), V2_22K)
+
+
+def test_export_parity_accepts_an_artifact_as_exact_as_pytorch_fp32_itself():
+    """An FP32 export is judged against the float64 evaluation; a clip below `min_snr_db` passes only
+    when the artifact is no further from float64 than PyTorch FP32 itself is (`accept_torch_floor`)."""
+    from voxport.evaluate import parity
+    from voxport.export.onnx import torch_runner
+
+    spec = graph_spec(seeded_vocoder(TINY, seed=0))
+    feeds = [{"mel": example_inputs(TINY, frames)[0].numpy()} for frames in (12, 20)]
+    same = torch_runner(spec)  # PyTorch FP32 itself: exactly at its own rounding floor
+
+    def worse(feed):  # 20 dB further from float64 than PyTorch's rounding
+        wav = same(feed)["wav"]
+        return {"wav": wav + (wav - _float64(spec, feed)) * 10.0}
+
+    strict = {"min_snr_db": 400.0}
+    figures, failures = parity.vocoder(spec, same, feeds, {**strict, "accept_torch_floor": True})
+    assert not failures and figures["clips_passed_by_torch_floor"] == 2
+    _, failures = parity.vocoder(spec, same, feeds, {**strict, "accept_torch_floor": False})
+    assert failures and "< 400.0 dB" in failures[0]
+    _, failures = parity.vocoder(spec, worse, feeds, {**strict, "accept_torch_floor": True})
+    assert failures and "less exact than PyTorch FP32 itself" in failures[0]
+    _, failures = parity.vocoder(spec, worse, feeds, {"min_snr_db": 20.0, "accept_torch_floor": True})
+    assert not failures  # the absolute tolerance alone still passes what it always passed
+
+
+def _float64(spec, feed) -> np.ndarray:
+    import copy
+
+    with torch.inference_mode():
+        return copy.deepcopy(spec.module).double()(torch.from_numpy(feed["mel"]).double())[0].numpy()

@@ -32,7 +32,8 @@ class VocoderGate:
 
 @dataclass(frozen=True)
 class VocoderTolerance:
-    min_snr_db: float = 100.0
+    min_snr_db: float = 100.0  # waveform SNR of an FP32 export vs the float64 evaluation
+    accept_torch_floor: bool = True  # ...or no further from float64 than PyTorch FP32 is, per clip
 
 
 class Vocoder(Component):
@@ -53,7 +54,8 @@ class Vocoder(Component):
             self.corpus, self.mel_cfg, v.vocoder_clips, v.max_clip_seconds))
         spec = self.specs_of(reference)["vocoder"]
         return parity.vocoder(spec, runners["vocoder"], inputs.vocoder_feeds(clips),
-                              {"min_snr_db": self.tolerance().min_snr_db})
+                              {"min_snr_db": self.tolerance().min_snr_db,
+                               "accept_torch_floor": self.tolerance().accept_torch_floor})
 
     def gate_clips(self, split: str = "eval", seconds: float | None = None) -> list[SpeechClip]:
         """Real wideband recordings of `split` (native rate >= 16 kHz), cropped to whole frames."""
