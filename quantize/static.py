@@ -87,7 +87,7 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
     float_nodes = {**kept, **result.float_nodes}
     search_figures = result.describe("log-mel distance vs FP32 output, one layer quantized (dB)")
     search_figures["budget_reference"] = (f"the parent {parent.file} (quantize.search_reference=parent)"
-                                          if qc.search_reference == "parent" else "the PyTorch FP32 original")
+                                          if reference is not None else "the PyTorch FP32 original")
     log.info("%s: %d layers INT8, %d float", out.name, len(result.quantized), len(float_nodes))
     draft = Record(
         component=parent.component, graph=parent.graph, format="onnx", precision=PRECISION, file=out.name,

@@ -9,6 +9,7 @@ wideband PESQ drop relative to the PyTorch FP32 original; waveform SNR is record
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +55,7 @@ class Vocoder(Component):
             self.corpus, self.mel_cfg, v.vocoder_clips, v.max_clip_seconds))
         spec = self.specs_of(reference)["vocoder"]
         return parity.vocoder(spec, runners["vocoder"], inputs.vocoder_feeds(clips),
-                              {"min_snr_db": self.tolerance().min_snr_db,
-                               "accept_torch_floor": self.tolerance().accept_torch_floor})
+                              dataclasses.asdict(self.tolerance()))
 
     def gate_clips(self, split: str = "eval", seconds: float | None = None) -> list[SpeechClip]:
         """Real wideband recordings of `split` (native rate >= 16 kHz), cropped to whole frames."""
