@@ -21,6 +21,7 @@ import torch
 
 from voxport.errors import ConfigError
 from voxport.models.graph import GraphSpec
+from voxport.models.vocoder import UPSAMPLING
 from voxport.pipeline.passes import Candidate, PassContext
 from voxport.pipeline.records import Record, TensorSpec
 from voxport.runtime.backends.onnxruntime import OnnxRuntimeBackend, SessionSettings
@@ -34,12 +35,18 @@ EXPORTERS = ("torchscript", "dynamo")
 class OnnxExportConfig:
     exporter: str = "torchscript"
     opset: int = 17
+    # The vocoder's upsamplers in the graph: `transposed` (ConvTranspose, as trained) or `polyphase`
+    # (the same function as a stride-1 Conv + interleave, which ONNX Runtime can run in INT8:
+    # models/vocoder.py PolyphaseUpsample). Graphs without upsamplers have nothing to rewrite.
+    upsampling: str = "transposed"
 
     def __post_init__(self) -> None:
         if self.exporter not in EXPORTERS:
             raise ConfigError(f"export.exporter must be one of {EXPORTERS}, got '{self.exporter}'")
         if not 13 <= self.opset <= 21:
             raise ConfigError(f"export.opset must be in 13..21, got {self.opset}")
+        if self.upsampling not in UPSAMPLING:
+            raise ConfigError(f"export.upsampling must be one of {UPSAMPLING}, got '{self.upsampling}'")
 
 
 def export_graph(spec: GraphSpec, path: Path, cfg: OnnxExportConfig) -> Path:
@@ -168,7 +175,13 @@ def transform(parent: Record, config: OnnxExportConfig, ctx: PassContext) -> Can
         raise ConfigError(f"onnx_export needs a PyTorch FP32 parent, got {parent.file} ({parent.format} "
                           f"{parent.precision})")
     module = registry.load_torch_artifact(ctx.bundle_dir / parent.file, parent.model)
-    specs = registry.graph_specs(module, parent.model)
+    model = dict(parent.model)
+    if config.upsampling != "transposed" and model["network"] == "hifigan":
+        # The record says which form the graph holds, so whatever rebuilds its PyTorch twin (the
+        # INT8 search's layer emulation) rebuilds the same layers; parity is still measured
+        # against the parent as trained.
+        model["graph_form"] = {"upsampling": config.upsampling}
+    specs = registry.graph_specs(module, model)
     stem = Path(parent.file).stem.removesuffix("_fp32")
     records = []
     for name, spec in specs.items():
@@ -183,7 +196,8 @@ def transform(parent: Record, config: OnnxExportConfig, ctx: PassContext) -> Can
         records.append(Record(
             component=parent.component, graph=name, format="onnx", precision="fp32", file=path.name, sha256="",
             weights=parent.weights, stage="export", inputs=ins, outputs=outs, parent=parent.file,
-            parent_sha256=parent.sha256, model=parent.model, contract=parent.contract, sparsity=parent.sparsity,
-            config={"exporter": config.exporter, "opset": config.opset},
+            parent_sha256=parent.sha256, model=model, contract=parent.contract, sparsity=parent.sparsity,
+            config={"exporter": config.exporter, "opset": config.opset,
+                    **({"upsampling": config.upsampling} if "graph_form" in model else {})},
             speed={k: v for k, v in (parent.speed or {}).items() if k in SIZE_FIGURES}))
     return Candidate(records, {"label": f"{parent.component} ONNX FP32"})

@@ -46,7 +46,8 @@ def graph_specs(module: torch.nn.Module, model: dict[str, Any]) -> dict[str, Gra
     if network == "hifigan":
         from voxport.models.vocoder import graph_spec
 
-        specs = [graph_spec(module)]
+        # An export may have rewritten layers into an equivalent form (record `graph_form`).
+        specs = [graph_spec(module, **model.get("graph_form", {}))]
     elif network == "ge2e":
         from voxport.models.speaker_encoder import graph_spec
 

@@ -180,6 +180,46 @@ class ResBlock2(nn.Module):
         return x
 
 
+class PolyphaseUpsample(nn.Module):
+    """A ConvTranspose1d(k = 2u, stride u, padding p <= u) as one stride-1 Conv1d + an interleave.
+
+    Output sample n*u - p + r (0 <= r < u) of the transposed conv is W[:, :, r]^T x[n] +
+    W[:, :, u + r]^T x[n - 1]: every phase r reads exactly two input frames, so a kernel-2 conv
+    with u * C_out output channels computes all phases of T + 1 blocks, and interleaving them
+    (channel c * u + r -> sample n * u + r) then cutting p samples at the start and u - p (less
+    any output padding) at the end gives the transposed conv's T * u samples. The same
+    multiply-accumulates, but as a plain Conv: ONNX Runtime runs ConvTranspose as a float GEMM +
+    col2im only, while a Conv fuses with Q/DQ into an INT8 QLinearConv, so the mixed-precision
+    search can consider the upsamplers.
+    Exact up to float summation order (checked in tests against the ConvTranspose1d it replaces).
+    """
+
+    def __init__(self, up: nn.ConvTranspose1d):
+        super().__init__()
+        c_in, c_out, k = up.weight.shape
+        u, p, extra = up.stride[0], up.padding[0], up.output_padding[0]
+        if k != 2 * u or not extra <= p <= u or up.dilation[0] != 1 or up.groups != 1:
+            raise ConfigError(f"polyphase upsampling needs kernel 2u, padding <= u and output padding <= "
+                              f"padding (got kernel {k}, stride {u}, padding {p}, output padding {extra})")
+        w = up.weight.detach()  # (c_in, c_out, 2u)
+        # conv tap 1 reads x[n] (transposed-conv tap r), tap 0 reads x[n - 1] (tap u + r);
+        # output channel c * u + r holds phase r of channel c.
+        taps = torch.stack([w[:, :, u:], w[:, :, :u]], dim=-1)  # (c_in, c_out, u, 2)
+        self.conv = nn.Conv1d(c_in, c_out * u, 2, padding=1, dtype=w.dtype)
+        with torch.no_grad():
+            self.conv.weight.copy_(taps.permute(1, 2, 0, 3).reshape(c_out * u, c_in, 2))
+            self.conv.bias.copy_(up.bias.detach().repeat_interleave(u))
+        self.stride, self.trim, self.extra, self.out_channels = u, p, extra, c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.conv(x)  # (B, c_out * u, T + 1)
+        b, _, n = blocks.shape
+        u = self.stride
+        y = blocks.view(b, self.out_channels, u, n).transpose(2, 3).reshape(b, self.out_channels, n * u)
+        # ConvTranspose1d's length (T - 1) u - 2p + 2u + output_padding, starting p samples in.
+        return y[:, :, self.trim : n * u - self.trim + self.extra]
+
+
 class HiFiGANGenerator(nn.Module):
     """mel (B, num_mels, T) float32 -> waveform (B, 1, hop * T) in [-1, 1]."""
 
@@ -331,8 +371,27 @@ def example_inputs(cfg: VocoderConfig, frames: int = 50, batch: int = 1) -> tupl
     return (mel,)
 
 
-def graph_spec(model: HiFiGANGenerator) -> GraphSpec:
-    """The single exportable graph: mel (B, num_mels, T) -> wav (B, 1, hop * T)."""
+UPSAMPLING = ("transposed", "polyphase")
+
+
+def with_polyphase_upsampling(model: HiFiGANGenerator) -> HiFiGANGenerator:
+    """A copy of `model` whose upsamplers are `PolyphaseUpsample` convs (the same function)."""
+    import copy
+
+    poly = copy.deepcopy(model)
+    for i, up in enumerate(poly.ups):
+        poly.ups[i] = PolyphaseUpsample(up)
+    return poly.eval()
+
+
+def graph_spec(model: HiFiGANGenerator, upsampling: str = "transposed") -> GraphSpec:
+    """The single exportable graph: mel (B, num_mels, T) -> wav (B, 1, hop * T). `upsampling`
+    chooses the form the upsamplers take in the graph (see PolyphaseUpsample); the function and
+    the checkpoint are the same either way."""
+    if upsampling not in UPSAMPLING:
+        raise ConfigError(f"vocoder upsampling must be one of {UPSAMPLING}, got '{upsampling}'")
+    if upsampling == "polyphase":
+        model = with_polyphase_upsampling(model)
     return GraphSpec(
         component="vocoder",
         name="vocoder",

@@ -47,7 +47,7 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
     # The network the parent ONNX was exported from: the PyTorch original, or a model an earlier
     # pass made (a pruned vocoder), whose layers the search ranks.
     origin = ctx.record(parent.parent or "") or ctx.component.source
-    spec = ctx.component.specs_of(origin)[parent.graph]
+    spec = ctx.component.specs_of(origin, parent.model.get("graph_form"))[parent.graph]
     out = ctx.bundle_dir / artifact_name(parent.file, "int8_static")
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="voxport-int8-") as tmp:

@@ -104,6 +104,29 @@ def test_searched_int8_passes_with_integer_kernels_and_float_where_needed(ctx: B
     assert record.speed["median_s"] == min(session["medians_s"].values())
 
 
+@pytest.mark.slow
+def test_polyphase_export_is_exact_and_its_upsamplers_are_int8_candidates(ctx: BuildContext):
+    """`export.upsampling=polyphase`: the four ConvTranspose become stride-1 Convs, the export passes
+    FP32 parity against the model as trained, and the INT8 search ranks and may quantize them (its
+    layer emulation rebuilds the same form from the record)."""
+    source = ctx.find("vocoder", "vocoder", "torch")
+    export = run_stage(ctx, "onnx_export", source, {"graph": "vocoder", "upsampling": "polyphase"})
+    assert export.model["graph_form"] == {"upsampling": "polyphase"} and export.config["upsampling"] == "polyphase"
+    # Parity is measured against the parent as trained (ConvTranspose, float64), as for any export.
+    assert export.parity["wav_snr_db_min"] > 90 and export.parity["wav_max_abs_vs_torch_fp32"] < 1e-3
+    ops = qdq.op_counts(ctx.bundle_dir / export.file)
+    assert "ConvTranspose" not in ops and ops["Conv"] == 74 + 4
+    upsamplers = [f"/generator/ups.{i}/conv/Conv" for i in range(4)]
+    # Only the upsamplers and conv_pre are candidates: ranking every resblock layer adds minutes.
+    resblocks = [f"/generator/resblocks.{b}/convs{c}.{i}/Conv" for b in range(12) for c in (1, 2) for i in range(3)]
+    record = run_stage(ctx, "quantize_static", export, {**FAST, "exclude_nodes": resblocks})
+    ranked = [node for node, _ in record.parity["search"]["ranking"]]
+    assert set(upsamplers) <= set(ranked)
+    assert set(upsamplers) <= set(record.parity["quantized_nodes"]) | set(record.parity["float_nodes"])
+    assert record.parity["integer_ops"]["runtime"].get("ConvTranspose", 0) == 0
+    assert record.quality["passed"]
+
+
 def test_exclusions_stay_float_in_the_quantized_graph(ctx: BuildContext, tmp_path: Path):
     excluded = "/generator/resblocks.3/convs1.0/Conv"
     qc = QuantizeConfig.from_cfg({**FAST, "exclude_nodes": [excluded], "calibration_clips": 1})

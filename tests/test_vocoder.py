@@ -22,6 +22,7 @@ from voxport.models.vocoder import (
     V2_22K,
     V3_22K,
     HiFiGANGenerator,
+    PolyphaseUpsample,
     VocoderConfig,
     copy_synthesis,
     example_inputs,
@@ -277,3 +278,43 @@ def _float64(spec, feed) -> np.ndarray:
 
     with torch.inference_mode():
         return copy.deepcopy(spec.module).double()(torch.from_numpy(feed["mel"]).double())[0].numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Polyphase upsampling: the transposed convolutions as stride-1 convs (same function)
+
+
+@pytest.mark.parametrize(("stride", "padding", "output_padding"),
+                         [(8, 4, 0), (2, 1, 0), (5, 3, 1), (4, 2, 0), (3, 3, 1)])
+@pytest.mark.parametrize("frames", [1, 37])
+def test_polyphase_upsample_equals_the_transposed_conv(stride, padding, output_padding, frames):
+    gen = torch.Generator().manual_seed(stride * 100 + frames)
+    up = nn.ConvTranspose1d(6, 4, 2 * stride, stride, padding=padding, output_padding=output_padding).double()
+    with torch.no_grad():
+        up.weight.copy_(torch.randn(up.weight.shape, generator=gen, dtype=torch.float64))
+        up.bias.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+    x = torch.randn(2, 6, frames, generator=gen, dtype=torch.float64)
+    poly = PolyphaseUpsample(up)
+    expected, got = _run(up, x), _run(poly, x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert poly.conv.kernel_size == (2,) and poly.conv.stride == (1,)  # a plain conv, INT8-able
+
+
+def test_polyphase_upsample_refuses_what_it_cannot_rewrite():
+    for bad in (nn.ConvTranspose1d(4, 4, 7, 4, padding=2),         # kernel != 2u
+                nn.ConvTranspose1d(4, 4, 8, 4, padding=5),         # padding > u
+                nn.ConvTranspose1d(4, 4, 8, 4, padding=0, output_padding=1)):  # output padding > padding
+        with pytest.raises(ConfigError, match="polyphase upsampling needs kernel 2u"):
+            PolyphaseUpsample(bad)
+
+
+def test_polyphase_graph_of_the_real_vocoder_is_the_same_function(universal, mockingbird):
+    for model in (universal, mockingbird):
+        (mel,) = example_inputs(model.cfg, frames=20)
+        spec = graph_spec(model, upsampling="polyphase")
+        assert not any(isinstance(m, nn.ConvTranspose1d) for m in spec.module.modules())
+        assert all(isinstance(up, nn.ConvTranspose1d) for up in model.ups)  # the model is untouched
+        torch.testing.assert_close(_run(spec.module, mel)[0], _run(model, mel), rtol=0, atol=2e-5)
+    with pytest.raises(ConfigError, match="upsampling must be one of"):
+        graph_spec(universal, upsampling="nearest")

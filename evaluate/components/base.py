@@ -115,12 +115,14 @@ class Component(abc.ABC):
                 return r
         raise ConfigError(f"no PyTorch source record for '{self.name}' in this build")
 
-    def specs_of(self, record: Record) -> dict[str, GraphSpec]:
-        """The graphs of a torch artifact of this component, rebuilt from its file (memoised)."""
-        key = f"specs:{record.sha256}"
+    def specs_of(self, record: Record, graph_form: dict[str, Any] | None = None) -> dict[str, GraphSpec]:
+        """The graphs of a torch artifact of this component, rebuilt from its file (memoised), in
+        the form an export rewrote them to (`graph_form` of the export's record), if any."""
+        key = f"specs:{record.sha256}:{sorted((graph_form or {}).items())}"
         if key not in self.memo:
             module = registry.load_torch_artifact(self.bundle_dir / record.file, record.model)
-            self.memo[key] = registry.graph_specs(module, record.model)
+            model = {**record.model, "graph_form": graph_form} if graph_form else record.model
+            self.memo[key] = registry.graph_specs(module, model)
         return self.memo[key]
 
     def reference_specs(self) -> dict[str, GraphSpec]:
