@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 PRECISION = "int8-static"
 CONFIG = QuantizeConfig
 KEY_FIELDS = STATIC_FIELDS
+# The parent's gate figures that count against INT8's budget when the search is measured vs the parent.
+SPENT_FIGURES = ("log_mel_distance_increase_db", "pesq_drop")
 SEARCHES = True  # the search aims at the gate: a changed gate is a new search (the stage cache's key)
 
 
@@ -65,8 +67,13 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
         # and gives the exact scales ORT chose, which the ranking emulates.
         every = qdq.quantize(pre, work / "all.onnx", qc, candidates, cache, feeds)
         timings["calibration_s"] = time.perf_counter() - t0
-        reference = ort_runner(ctx.bundle_dir / parent.file, ctx.threads) if qc.search_reference == "parent" else None
-        result = _mixed_precision(qc, pre, pre_model, every, cache, candidates, spec, ctx, work, reference)
+        reference = spent = None
+        if qc.search_reference == "parent":
+            reference = ort_runner(ctx.bundle_dir / parent.file, ctx.threads)
+            # What the parent already costs against the original, held out (a pruned model's gate
+            # figures, which its export inherits): INT8's budget is what the gate leaves.
+            spent = {k: float(parent.quality[k]) for k in SPENT_FIGURES if k in (parent.quality or {})}
+        result = _mixed_precision(qc, pre, pre_model, every, cache, candidates, spec, ctx, work, reference, spent)
         timings["search_s"] = result.seconds
         if not result.quantized:
             raise GateError(out.name, ["no layer can be quantized within the gate on calibration clips"],
@@ -88,6 +95,8 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
     search_figures = result.describe("log-mel distance vs FP32 output, one layer quantized (dB)")
     search_figures["budget_reference"] = (f"the parent {parent.file} (quantize.search_reference=parent)"
                                           if reference is not None else "the PyTorch FP32 original")
+    if spent is not None:
+        search_figures["budget_spent_by_parent"] = spent
     log.info("%s: %d layers INT8, %d float", out.name, len(result.quantized), len(float_nodes))
     draft = Record(
         component=parent.component, graph=parent.graph, format="onnx", precision=PRECISION, file=out.name,
@@ -105,7 +114,8 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
 
 def _mixed_precision(qc: QuantizeConfig, pre: Path, pre_model: Any, every: Path, cache: Path,
                      candidates: list[str], spec: Any, ctx: PassContext, work: Path,
-                     reference: Runner | None = None) -> search.SearchResult:
+                     reference: Runner | None = None, spent: dict[str, float] | None = None,
+                     ) -> search.SearchResult:
     mel_cfg = spec.module.generator.cfg.mel
     rate = mel_cfg.sample_rate
     macs: dict[str, float] = {}
@@ -129,7 +139,7 @@ def _mixed_precision(qc: QuantizeConfig, pre: Path, pre_model: Any, every: Path,
         return ranked
 
     judge = ctx.component.search_judge(spec.name, PRECISION, qc.search_margin, clips=qc.search_clips,
-                                       seconds=qc.search_seconds, reference=reference)
+                                       seconds=qc.search_seconds, reference=reference, spent=spent)
 
     def evaluate(nodes: list[str]) -> search.Trial:
         path = every if len(nodes) == len(candidates) else qdq.quantize(pre, work / "trial.onnx", qc, nodes, cache)

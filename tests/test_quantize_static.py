@@ -244,6 +244,8 @@ def test_static_int8_chains_after_structured_pruning_and_is_gated_against_the_or
     record = run_stage(ctx, "quantize_static", pruned, {**FAST, "exclude_nodes": STAGE1, "search_reference": "parent"})
     assert record.file == "vocoder_pruned_obs_structured_5_int8_static.onnx"
     assert record.parity["search"]["budget_reference"].startswith(f"the parent {pruned.file}")
+    spent = record.parity["search"]["budget_spent_by_parent"]  # the pruned model's own held-out figures
+    assert spent == {k: pytest.approx(pruned.quality[k]) for k in ("log_mel_distance_increase_db", "pesq_drop")}
     assert sha256_file(ctx.bundle_dir / pruned.file) == pruned_sha  # the parent is never written over
     assert record.parent == pruned.file and record.model == pruned.model
     assert record.model["config"]["resblock_inner_channels"]  # the pruned network's shape, not V1's
@@ -278,6 +280,17 @@ def test_the_search_budget_is_measured_against_the_reference_it_is_given(ctx: Bu
     assert figures["fp32_log_mel_distance_db"] > vocoder.baseline(to_parent.clips)["log_mel_distance_db"]
     figures, _ = to_parent.evaluate(fp32)  # the clean model is BETTER than this reference
     assert figures["log_mel_distance_increase_db"] < 0
+    # Pruning and INT8 share one gate: what the parent already spent (held out, vs the original) is
+    # taken from the search's budget before the margin; a parent better than FP32 earns no credit.
+    shared = vocoder.search_judge("vocoder", "int8-static", 0.7, clips=2, seconds=1.0, reference=degraded,
+                                  spent={"log_mel_distance_increase_db": 0.12, "pesq_drop": -0.02})
+    assert shared.gate["max_log_mel_increase_db"] == pytest.approx(0.7 * (0.3 - 0.12))
+    assert shared.gate["max_pesq_drop"] == pytest.approx(0.7 * 0.1)
+    used_up = vocoder.search_judge("vocoder", "int8-static", 0.7, clips=2, seconds=1.0, reference=fp32,
+                                   spent={"log_mel_distance_increase_db": 0.35, "pesq_drop": 0.0})
+    assert used_up.gate["max_log_mel_increase_db"] == 0.0
+    figures, failures = used_up.evaluate(degraded)  # anything INT8 would add now fails the search
+    assert figures["log_mel_distance_increase_db"] > 0.05 and failures
     with pytest.raises(ConfigError, match="search_reference"):
         QuantizeConfig(search_reference="pruned")
 

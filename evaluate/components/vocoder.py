@@ -79,9 +79,12 @@ class Vocoder(Component):
         return figures, failures
 
     def search_judge(self, graph: str, precision: str, margin: float, clips: int = 4,
-                     seconds: float = 1.5, reference: Runner | None = None) -> SearchJudge:
-        """`reference`: what the budget is measured against (default the PyTorch FP32 original)."""
-        return _VocoderSearch(self, self.gate(precision), margin, clips, seconds, reference)
+                     seconds: float = 1.5, reference: Runner | None = None,
+                     spent: Mapping[str, Any] | None = None) -> SearchJudge:
+        """`reference`: what the budget is measured against (default the PyTorch FP32 original).
+        `spent`: the gate figures that reference already uses against the original on held-out
+        speech (a pruned parent's record); the budget is then `margin` of what the gate leaves."""
+        return _VocoderSearch(self, self.gate(precision), margin, clips, seconds, reference, spent)
 
     def timing_feed(self, graph: str, seconds: float) -> TimingFeed:
         """`seconds` of one real held-out recording (the first real one long enough, by id)."""
@@ -157,12 +160,18 @@ class _VocoderSearch(SearchJudge):
     error_name = "log-mel distance vs FP32 output, one layer quantized (dB)"
 
     def __init__(self, vocoder: Vocoder, gate: VocoderGate, margin: float, clips: int, seconds: float,
-                 reference: Runner | None = None) -> None:
+                 reference: Runner | None = None, spent: Mapping[str, Any] | None = None) -> None:
         self.vocoder = vocoder
         self.clips = vocoder.gate_clips("calib", seconds)[:clips]
         self.rate = vocoder.mel_cfg.sample_rate
-        self.gate = {**_thresholds(gate), "max_log_mel_increase_db": gate.max_log_mel_increase_db * margin,
-                     "max_pesq_drop": gate.max_pesq_drop * margin}
+        # Pruning and INT8 share one gate: a parent that already spent part of it (as the gate
+        # measured it, held out, vs the original) leaves the search only the rest. A parent that
+        # scored better than FP32 spends nothing (no credit beyond the gate).
+        spent = spent or {}
+        log_mel = gate.max_log_mel_increase_db - max(0.0, float(spent.get("log_mel_distance_increase_db", 0.0)))
+        pesq = gate.max_pesq_drop - max(0.0, float(spent.get("pesq_drop", 0.0)))
+        self.gate = {**_thresholds(gate), "max_log_mel_increase_db": max(0.0, log_mel) * margin,
+                     "max_pesq_drop": max(0.0, pesq) * margin}
         self.reference = reference
         self._reference_baseline: dict[str, Any] | None = None
 
