@@ -135,7 +135,9 @@ def graph_macs(model: Any, input_shapes: dict[str, tuple[int, ...]]) -> dict[str
             for dim, size in zip(dims, input_shapes[graph_input.name], strict=True):
                 dim.Clear()
                 dim.dim_value = int(size)
-    inferred = onnx.shape_inference.infer_shapes(proto)
+    # data_prop: lengths computed in the graph (Shape -> Gather -> Concat -> Reshape, as a
+    # polyphase upsampler's interleave exports) are propagated too.
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     shapes: dict[str, tuple[int, ...] | None] = {i.name: tuple(i.dims) for i in inferred.graph.initializer}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = value.type.tensor_type.shape.dim

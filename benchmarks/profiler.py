@@ -250,7 +250,8 @@ def achieved(summary: dict[str, Any], host: dict[str, Any], threads: int, audio_
     peaks = {"fp32": float(host["peak_fp32_flops"]), "int8": float(host["peak_int8_ops"])}
     out: dict[str, Any] = {}
     for precision, peak in peaks.items():
-        counted = [n for n in summary["nodes"] if n["precision"] == precision]
+        # Nodes without a MAC count (logged by summarize) are left out of the rates, as it says.
+        counted = [n for n in summary["nodes"] if n["precision"] == precision and n["ops"] is not None]
         ops = sum(n["ops"] for n in counted)
         ms = sum(n["ms"] for n in counted)
         rate = ops / (ms / 1000.0) if ms else None

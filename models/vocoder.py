@@ -186,8 +186,8 @@ class PolyphaseUpsample(nn.Module):
     Output sample n*u - p + r (0 <= r < u) of the transposed conv is W[:, :, r]^T x[n] +
     W[:, :, u + r]^T x[n - 1]: every phase r reads exactly two input frames, so a kernel-2 conv
     with u * C_out output channels computes all phases of T + 1 blocks, and interleaving them
-    (channel c * u + r -> sample n * u + r) then cutting p samples at the start and u - p (less
-    any output padding) at the end gives the transposed conv's T * u samples. The same
+    (channel c * u + r -> sample n * u + r) then cutting p samples at the start and p (less any
+    output padding) at the end gives the transposed conv's (T - 1) u - 2p + 2u + output_padding. The same
     multiply-accumulates, but as a plain Conv: ONNX Runtime runs ConvTranspose as a float GEMM +
     col2im only, while a Conv fuses with Q/DQ into an INT8 QLinearConv, so the mixed-precision
     search can consider the upsamplers.
@@ -214,10 +214,11 @@ class PolyphaseUpsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self.conv(x)  # (B, c_out * u, T + 1)
         b, _, n = blocks.shape
-        u = self.stride
-        y = blocks.view(b, self.out_channels, u, n).transpose(2, 3).reshape(b, self.out_channels, n * u)
-        # ConvTranspose1d's length (T - 1) u - 2p + 2u + output_padding, starting p samples in.
-        return y[:, :, self.trim : n * u - self.trim + self.extra]
+        y = blocks.view(b, self.out_channels, self.stride, n).transpose(2, 3).reshape(b, self.out_channels, -1)
+        # ConvTranspose1d's length (T - 1) u - 2p + 2u + output_padding, starting p samples in; a
+        # constant end (counted from the back) keeps the graph's lengths inferable by ONNX.
+        cut = self.trim - self.extra
+        return y[:, :, self.trim : (-cut if cut else None)]
 
 
 class HiFiGANGenerator(nn.Module):

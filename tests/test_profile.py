@@ -37,6 +37,23 @@ def test_profile_of_the_fp32_vocoder_on_real_speech(bundle: Path, corpus) -> Non
     assert "theoretical peak" in text and "GFLOP/s" in text
 
 
+def test_flops_of_a_polyphase_vocoder_graph_are_counted_through_its_interleave(tmp_path: Path) -> None:
+    """The polyphase upsamplers' interleave computes lengths in the graph (Shape -> Reshape): the count
+    must follow them to every later conv, and equal the transposed graph's up to one extra frame."""
+    from voxport.export.onnx import OnnxExportConfig, export_graph
+    from voxport.models.vocoder import V2_22K, graph_spec, seeded_vocoder
+
+    model, frames = seeded_vocoder(V2_22K, 0), 40
+    totals = {}
+    for form in ("transposed", "polyphase"):
+        path = export_graph(graph_spec(model, form), tmp_path / f"{form}.onnx", OnnxExportConfig())
+        counted = flops.graph_macs(path, {"mel": (1, 80, frames)})
+        assert len(counted) == 78  # conv_pre, 4 upsamplers, 72 resblock convs, conv_post
+        totals[form] = sum(m.macs for _, m in counted.values())
+    # A kernel-2 conv over T + 1 frames per upsampler: the transposed conv's MACs x (T + 1) / T.
+    assert totals["transposed"] < totals["polyphase"] < totals["transposed"] * (frames + 1) / frames
+
+
 def test_peaks_follow_the_formula_for_each_flag_set() -> None:
     mhz, cores = 2000.0, 2
     avx2 = ("avx", "avx2", "fma")
