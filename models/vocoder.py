@@ -13,6 +13,7 @@ Out of scope: MockingBird's 24 kHz variant (nearest-interpolate + Conv1d upsampl
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping
@@ -377,8 +378,6 @@ UPSAMPLING = ("transposed", "polyphase")
 
 def with_polyphase_upsampling(model: HiFiGANGenerator) -> HiFiGANGenerator:
     """A copy of `model` whose upsamplers are `PolyphaseUpsample` convs (the same function)."""
-    import copy
-
     poly = copy.deepcopy(model)
     for i, up in enumerate(poly.ups):
         poly.ups[i] = PolyphaseUpsample(up)

@@ -168,10 +168,13 @@ class _VocoderSearch(SearchJudge):
         # measured it, held out, vs the original) leaves the search only the rest. A parent that
         # scored better than FP32 spends nothing (no credit beyond the gate).
         spent = spent or {}
-        log_mel = gate.max_log_mel_increase_db - max(0.0, float(spent.get("log_mel_distance_increase_db", 0.0)))
-        pesq = gate.max_pesq_drop - max(0.0, float(spent.get("pesq_drop", 0.0)))
-        self.gate = {**_thresholds(gate), "max_log_mel_increase_db": max(0.0, log_mel) * margin,
-                     "max_pesq_drop": max(0.0, pesq) * margin}
+
+        def left(limit: float, figure: str) -> float:
+            return max(0.0, limit - max(0.0, float(spent.get(figure, 0.0)))) * margin
+
+        self.gate = {**_thresholds(gate),
+                     "max_log_mel_increase_db": left(gate.max_log_mel_increase_db, "log_mel_distance_increase_db"),
+                     "max_pesq_drop": left(gate.max_pesq_drop, "pesq_drop")}
         self.reference = reference
         self._reference_baseline: dict[str, Any] | None = None
 
