@@ -52,6 +52,11 @@ class QuantizeConfig:
     # what INT8 adds must fit; a pruned parent's own cost is judged by the final held-out gate).
     # Either way the artifact itself is gated against the original on held-out clips.
     search_reference: str = "original"
+    # After the layer search: the residual Adds that read an INT8 layer's output run in INT8 too
+    # (ORT's QLinearAdd), as many as the gate allows, earliest in the graph first. With them a
+    # residual stack stays in integers between its convolutions instead of dequantizing, adding in
+    # float and requantizing around every layer (quantize/static.py).
+    integer_adds: bool = False
     # Dynamic INT8
     engine: str = "onnxruntime"
     dynamic_op_types: tuple[str, ...] = ("LSTM", "MatMul", "Gemm")
@@ -59,6 +64,8 @@ class QuantizeConfig:
     graph: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.integer_adds, bool):
+            raise ConfigError(f"quantize.integer_adds must be true or false, got {self.integer_adds!r}")
         for name in ("op_types", "exclude_op_types", "exclude_nodes", "dynamic_op_types"):
             object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name) or ()))
         checks = [("calibration", CALIBRATION_METHODS), ("search", SEARCHES), ("rank_by", RANK_BY),
@@ -94,6 +101,11 @@ class QuantizeConfig:
     def from_settings(cls, settings: Mapping[str, Any]) -> QuantizeConfig:
         return cls.from_cfg(settings)
 
+    @property
+    def quantized_op_types(self) -> tuple[str, ...]:
+        """Op types the static quantizer calibrates and may quantize (the nodes it is given decide)."""
+        return (*self.op_types, *(("Add",) if self.integer_adds and "Add" not in self.op_types else ()))
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
@@ -104,5 +116,5 @@ _SEARCH = ("search", "rank_by", "rank_clips", "rank_seconds", "search_clips", "s
            "search_max_trials", "graph")
 STATIC_FIELDS = ("calibration", "percentile", "histogram_bins", "per_channel", "reduce_range", "calibration_clips",
                  "crop_seconds", "op_types", "exclude_op_types", "exclude_nodes", "keep_output_layer_float",
-                 "weight_type", "activation_type", "search_reference", *_SEARCH)
+                 "weight_type", "activation_type", "search_reference", "integer_adds", *_SEARCH)
 DYNAMIC_FIELDS = ("engine", "dynamic_op_types", "reduce_range", "weight_type", *_SEARCH)

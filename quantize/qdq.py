@@ -92,7 +92,8 @@ def calibrate(pre: Path, cfg: QuantizeConfig, feeds: Sequence[Mapping[str, np.nd
     if cfg.calibration in ("entropy", "percentile"):
         extra.update(num_bins=cfg.histogram_bins, num_quantized_bins=128, percentile=cfg.percentile)
     with tempfile.TemporaryDirectory(prefix="voxport-calib-") as tmp:
-        calibrator = create_calibrator(Path(pre), list(cfg.op_types), augmented_model_path=str(Path(tmp) / "aug.onnx"),
+        calibrator = create_calibrator(Path(pre), list(cfg.quantized_op_types),
+                                       augmented_model_path=str(Path(tmp) / "aug.onnx"),
                                        calibrate_method=calibration_method(cfg.calibration), extra_options=extra)
         calibrator.collect_data(FeedReader(feeds))
         save_tensors_data(calibrator.compute_data(), cache)
@@ -118,8 +119,8 @@ def quantize(pre: Path, out: Path, cfg: QuantizeConfig, nodes: Sequence[str], ca
     try:
         quantize_static(
             str(pre), tmp, None, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(cfg.op_types), nodes_to_quantize=list(nodes), per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range, activation_type=activation, weight_type=weight,
+            op_types_to_quantize=list(cfg.quantized_op_types), nodes_to_quantize=list(nodes),
+            per_channel=cfg.per_channel, reduce_range=cfg.reduce_range, activation_type=activation, weight_type=weight,
             calibrate_method=calibration_method(cfg.calibration),
             extra_options={"CalibPercentile": cfg.percentile}, calibration_cache_path=str(cache),
         )
@@ -199,6 +200,15 @@ def candidate_nodes(model: onnx.ModelProto, cfg: QuantizeConfig) -> tuple[list[s
 
         raise ConfigError(f"quantize.exclude_nodes names no node of this graph: {', '.join(missing)}")
     return candidates, kept
+
+
+def residual_adds(model: onnx.ModelProto, quantized: Iterable[str]) -> list[str]:
+    """Add nodes reading the output of one of the `quantized` nodes, in graph order (the residual
+    connections of an INT8 layer: quantizing them too keeps the stream in integers)."""
+    quantized = set(quantized)
+    producer = {out: node.name for node in model.graph.node for out in node.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Add" and any(producer.get(i) in quantized for i in n.input)]
 
 
 def output_layer_nodes(model: onnx.ModelProto, compute: Iterable[str] = FLOAT_COMPUTE_OPS) -> list[str]:

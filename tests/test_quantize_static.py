@@ -127,6 +127,66 @@ def test_polyphase_export_is_exact_and_its_upsamplers_are_int8_candidates(ctx: B
     assert record.quality["passed"]
 
 
+# Level 2 of HiFi-GAN (resblocks 3-5, 128 channels): every other layer excluded keeps the search short.
+LEVEL2 = [f"/generator/resblocks.{b}/convs{c}.{i}/Conv" for b in range(3, 6) for c in (1, 2) for i in range(3)]
+
+
+@pytest.mark.slow
+def test_integer_adds_keep_an_int8_residual_stack_in_integers(ctx: BuildContext):
+    """`quantize.integer_adds`: the residual Adds reading a candidate layer join the search; ORT runs
+    the accepted ones as QLinearAdd (none stays a float Add with Q/DQ around it), the record lists
+    them apart from the layers, and the artifact passes the gate."""
+    others = [n for n in _all_convs() if n not in LEVEL2]
+    record = run_stage(ctx, "quantize_static", parent(ctx),
+                       {**FAST, "exclude_nodes": others, "integer_adds": True, "search": "bisect",
+                        "calibration": "percentile", "percentile": 99.99})  # as a build calibrates
+    assert record.quality["passed"] and sorted(record.parity["quantized_nodes"]) == sorted(LEVEL2)
+    adds = record.parity["integer_adds"]
+    report = record.parity["search"]["integer_adds"]
+    assert report["eligible"] == 9  # three residual Adds in each of the three resblocks
+    assert len(adds) == report["quantized"] > 0 and set(adds) | set(report["left_float"]) == {
+        f"/generator/resblocks.{b}/Add{suffix}" for b in range(3, 6) for suffix in ("", "_1", "_2")}
+    runtime = record.parity["integer_ops"]["runtime"]
+    assert runtime["QLinearAdd"] == len(adds)
+    assert runtime["QLinearConv"] == len(LEVEL2)
+    assert not set(adds) & set(record.parity["float_nodes"])  # the layers' report stays about layers
+
+
+def test_each_residual_add_is_ranked_right_after_the_layer_it_reads(ctx: BuildContext, tmp_path: Path):
+    from voxport.quantize.static import _with_residual_adds
+
+    model = qdq.load_graph(qdq.preprocess(ctx.bundle_dir / parent(ctx).file, tmp_path / "pre.onnx"))
+    ranked = [("/generator/resblocks.4/convs2.1/Conv", 0.01), ("/generator/resblocks.4/convs1.1/Conv", 0.02),
+              ("/generator/resblocks.4/convs2.0/Conv", 0.03)]
+    adds = qdq.residual_adds(model, [n for n, _ in ranked])
+    assert _with_residual_adds(ranked, model, adds) == [
+        ("/generator/resblocks.4/convs2.1/Conv", 0.01), ("/generator/resblocks.4/Add_1", 0.01),
+        ("/generator/resblocks.4/convs1.1/Conv", 0.02),
+        ("/generator/resblocks.4/convs2.0/Conv", 0.03), ("/generator/resblocks.4/Add", 0.03)]
+    assert _with_residual_adds(ranked, model, []) == ranked  # integer_adds off: the layers' ranking
+
+
+def _all_convs() -> list[str]:
+    return ([f"/generator/resblocks.{b}/convs{c}.{i}/Conv" for b in range(12) for c in (1, 2) for i in range(3)]
+            + ["/generator/conv_pre/Conv"])
+
+
+def test_residual_adds_are_the_adds_reading_a_quantized_layer_in_graph_order(ctx: BuildContext, tmp_path: Path):
+    model = qdq.load_graph(qdq.preprocess(ctx.bundle_dir / parent(ctx).file, tmp_path / "pre.onnx"))
+    second = [f"/generator/resblocks.4/convs2.{i}/Conv" for i in range(3)]
+    assert qdq.residual_adds(model, second) == ["/generator/resblocks.4/Add", "/generator/resblocks.4/Add_1",
+                                                "/generator/resblocks.4/Add_2"]
+    # A first conv of a pair feeds a LeakyRelu, not an Add; the upsamplers feed the resblocks' input.
+    assert qdq.residual_adds(model, [f"/generator/resblocks.4/convs1.{i}/Conv" for i in range(3)]) == []
+    assert qdq.residual_adds(model, []) == []
+    everything = qdq.residual_adds(model, _all_convs())
+    assert len(everything) == 36 and everything == [n.name for n in model.graph.node if n.name in set(everything)]
+    qc = QuantizeConfig(integer_adds=True)
+    assert qc.quantized_op_types == ("Conv", "Add") and QuantizeConfig().quantized_op_types == ("Conv",)
+    with pytest.raises(ConfigError, match="integer_adds"):
+        QuantizeConfig(integer_adds="yes")
+
+
 def test_exclusions_stay_float_in_the_quantized_graph(ctx: BuildContext, tmp_path: Path):
     excluded = "/generator/resblocks.3/convs1.0/Conv"
     qc = QuantizeConfig.from_cfg({**FAST, "exclude_nodes": [excluded], "calibration_clips": 1})
