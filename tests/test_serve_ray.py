@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,9 +52,25 @@ TEXT = "Hello there, this is a test."
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range and above Ray's worker ports (10002-19999).
+
+    A port the OS hands out for port 0 is an ephemeral one, and Ray opens many sockets on those
+    before its proxy binds the HTTP port: CI once saw "Failed to bind to address 127.0.0.1:<port>".
+    """
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(ephemeral, 20001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between Ray's worker ports and the ephemeral range")
 
 
 def _wav_bytes(wav: np.ndarray, sr: int) -> bytes:
