@@ -52,10 +52,10 @@ class QuantizeConfig:
     # what INT8 adds must fit; a pruned parent's own cost is judged by the final held-out gate).
     # Either way the artifact itself is gated against the original on held-out clips.
     search_reference: str = "original"
-    # After the layer search: the residual Adds that read an INT8 layer's output run in INT8 too
-    # (ORT's QLinearAdd), as many as the gate allows, earliest in the graph first. With them a
-    # residual stack stays in integers between its convolutions instead of dequantizing, adding in
-    # float and requantizing around every layer (quantize/static.py).
+    # The residual Adds reading a candidate layer join the mixed-precision search, each ranked right
+    # after the layer it reads; the accepted ones run in INT8 (ORT's QLinearAdd), so a residual
+    # stack stays in integers between its convolutions instead of dequantizing, adding in float
+    # and requantizing around every layer (quantize/static.py _with_residual_adds).
     integer_adds: bool = False
     # Dynamic INT8
     engine: str = "onnxruntime"

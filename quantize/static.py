@@ -86,15 +86,16 @@ def transform(parent: Record, qc: QuantizeConfig, ctx: PassContext) -> Candidate
         adds = qdq.residual_adds(pre_model, candidates) if qc.integer_adds else []
         result = _mixed_precision(qc, pre_model, every, candidates, spec, ctx, evaluate, adds)
         timings["search_s"] = result.seconds
-        added = [n for n in result.quantized if n in set(adds)]
-        result.quantized = [n for n in result.quantized if n not in set(adds)]
+        is_add = set(adds)
+        added = [n for n in result.quantized if n in is_add]
+        result.quantized = [n for n in result.quantized if n not in is_add]
         # An Add's rank is its layer's; keep what decided it (the trial that rejected it, or the budget).
         left_adds = {n: result.float_nodes.pop(n).split("; ", 1)[-1] for n in adds if n in result.float_nodes}
         if not result.quantized:
             raise GateError(out.name, ["no layer can be quantized within the gate on calibration clips"],
                             {"search": result.describe("log-mel distance vs FP32 (dB)"), "float_nodes": kept})
         final = [*result.quantized, *added]
-        if final == candidates:
+        if sorted(final) == sorted(candidates):
             shutil.copyfile(every, work / "final.onnx")
             os.replace(work / "final.onnx", out)
         else:
