@@ -35,7 +35,12 @@ log = logging.getLogger(__name__)
 PEAK_NOTE = ("theoretical peak = cores x clock x OP per cycle per core; FP32: fp32 lanes x 2 FLOP per FMA x FMA "
              "ports (AVX2: 8 x 2 x 2 = 32 FLOP/cycle/core); INT8 (2 OP per MAC): AVX2 without VNNI "
              "(vpmaddubsw + vpmaddwd) 64, AVX-512 VNNI (vpdpbusd, 128 OP per port) 256, AMX 2048 OP/cycle/core. "
-             "No kernel reaches it.")
+             "No kernel reaches it at the clock the cores really run at.")
+# Said when a rate exceeds its estimate: the estimate's clock is below the real one (a VM's kernel
+# often exposes no cpufreq, only the nominal MHz, while the cores boost above it).
+ABOVE_PEAK_NOTE = ("achieved above the theoretical peak: the clock the estimate uses ({source}, {mhz:.0f} MHz) is "
+                   "below the one the cores run at (boost clocks this kernel does not report), so the estimate is "
+                   "a floor and its percentages overstate the share of the real peak")
 
 
 @dataclass(frozen=True)
@@ -338,4 +343,7 @@ def markdown(profile: dict[str, Any], top: int) -> str:
         f"- INT8 theoretical peak: {h['peak_int8_method']}",
         f"- {PEAK_NOTE}",
     ]
+    if any((a[p]["peak_fraction_threads"] or 0.0) > 1.0 for p in ("fp32", "int8")):
+        note = ABOVE_PEAK_NOTE.format(source=h.get("clock_source", "nominal clock"), mhz=h.get("clock_mhz", 0.0))
+        lines.append(f"- {note}")
     return "\n".join(lines)
