@@ -57,16 +57,22 @@ def vocoder(
         "wav_max_abs_vs_torch_fp32": max(max_abs, default=float("nan")),
         "reference": "PyTorch float64 evaluation of the same weights",
     }
-    # A clip below `min_snr_db` still passes when the export is at least as close to the exact
-    # result as PyTorch FP32 itself (`accept_torch_floor`): a fine-tuned pruned HiFi-GAN measured
-    # ONNX 94.4 dB from float64 where PyTorch FP32 was 90.5 dB; the export was not what was inexact.
+    # A clip below `min_snr_db` still passes when the export is about as close to the exact result
+    # as PyTorch FP32 itself (`accept_torch_floor`): a fine-tuned pruned HiFi-GAN measured ONNX
+    # 94.4 dB from float64 where PyTorch FP32 was 90.5 dB; the export was not what was inexact.
+    # "About": within `torch_floor_slack_db`, since two FP32 engines summing in different orders
+    # differ from float64 by different amounts (AVX-512 host, a pruned and fine-tuned model: ORT
+    # 98.4 dB, 3.1 dB further than PyTorch). 6 dB is twice PyTorch's own error; an export bug
+    # (a wrong padding, a weight left out) costs tens of dB.
     accept_floor = bool(tol.get("accept_torch_floor", False))
+    slack = float(tol.get("torch_floor_slack_db", 0.0))
     below = [i for i, v in enumerate(snr64) if v < tol["min_snr_db"]]
-    failing = [i for i in below if not (accept_floor and snr64[i] >= floor[i])]
+    failing = [i for i in below if not (accept_floor and snr64[i] >= floor[i] - slack)]
     figures["clips_passed_by_torch_floor"] = len(below) - len(failing)
     if not snr64 or failing:
         worst = min((snr64[i] - floor[i] for i in failing), default=float("nan"))
-        floor_note = f" and {-worst:.1f} dB less exact than PyTorch FP32 itself" if accept_floor and failing else ""
+        floor_note = (f" and {-worst:.1f} dB less exact than PyTorch FP32 itself (allowed: {slack:g} dB)"
+                      if accept_floor and failing else "")
         failures.append(f"vocoder: waveform SNR {figures['wav_snr_db_min']:.1f} dB < {tol['min_snr_db']} dB"
                         + floor_note)
     return figures, failures

@@ -262,6 +262,10 @@ def test_export_parity_accepts_an_artifact_as_exact_as_pytorch_fp32_itself():
         wav = same(feed)["wav"]
         return {"wav": wav + (wav - _float64(spec, feed)) * 10.0}
 
+    def slightly_worse(feed):  # 3.5 dB further: another engine's summation order, not an export bug
+        wav = same(feed)["wav"]
+        return {"wav": wav + (wav - _float64(spec, feed)) * 0.5}
+
     strict = {"min_snr_db": 400.0}
     figures, failures = parity.vocoder(spec, same, feeds, {**strict, "accept_torch_floor": True})
     assert not failures and figures["clips_passed_by_torch_floor"] == 2
@@ -269,6 +273,14 @@ def test_export_parity_accepts_an_artifact_as_exact_as_pytorch_fp32_itself():
     assert failures and "< 400.0 dB" in failures[0]
     _, failures = parity.vocoder(spec, worse, feeds, {**strict, "accept_torch_floor": True})
     assert failures and "less exact than PyTorch FP32 itself" in failures[0]
+    # Within `torch_floor_slack_db` of PyTorch's own floor passes; 20 dB further never does.
+    _, failures = parity.vocoder(spec, slightly_worse, feeds, {**strict, "accept_torch_floor": True})
+    assert failures and "(allowed: 0 dB)" in failures[0]
+    slack = {**strict, "accept_torch_floor": True, "torch_floor_slack_db": 6.0}
+    figures, failures = parity.vocoder(spec, slightly_worse, feeds, slack)
+    assert not failures and figures["clips_passed_by_torch_floor"] == 2
+    _, failures = parity.vocoder(spec, worse, feeds, slack)
+    assert failures and "less exact than PyTorch FP32 itself (allowed: 6 dB)" in failures[0]
     _, failures = parity.vocoder(spec, worse, feeds, {"min_snr_db": 20.0, "accept_torch_floor": True})
     assert not failures  # the absolute tolerance alone still passes what it always passed
 

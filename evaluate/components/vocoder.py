@@ -35,6 +35,7 @@ class VocoderGate:
 class VocoderTolerance:
     min_snr_db: float = 100.0  # waveform SNR of an FP32 export vs the float64 evaluation
     accept_torch_floor: bool = True  # ...or no further from float64 than PyTorch FP32 is, per clip
+    torch_floor_slack_db: float = 6.0  # ...give or take this (two FP32 engines' summation orders)
 
 
 class Vocoder(Component):
