@@ -153,7 +153,8 @@ def _global_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, da
 
 
 def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp: float, macs: dict[Key, float],
-               total: int, listen: Listen, probe: float) -> tuple[dict[Key, int], list[dict[str, Any]]]:
+               total: int, listen: Listen, probe: float, weight: Callable[[Key], float] = lambda key: 1.0,
+               ) -> tuple[dict[Key, int], list[dict[str, Any]]]:
     """Channels to drop per pair, chosen by what the GATE hears, not by a feature-domain error.
 
     Each pair alone loses `probe` of its channels (OBS-chosen and compensated) and the listener
@@ -167,6 +168,9 @@ def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp
     +0.46 dB log-mel where ranking by log-mel alone gave +0.33 dB. The 256- and 128-channel levels
     take most of the cut: halving most of their pairs costs the gate a few hundredths of a dB each,
     while the 64- and 32-channel pairs cost 0.1-0.6 dB.
+
+    `weight(pair)` is what one of its FLOPs costs in time relative to the others (`_level_weights`):
+    pairs are then ranked per unit of time saved and `fraction` is a share of the time-weighted total.
     """
     rows = []
     for j, block in enumerate(generator.resblocks):
@@ -175,20 +179,24 @@ def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp
             model, _ = apply_plan(generator, {(j, k): n}, "obs", moments, damp)
             cost, figures = listen(model)
             rows.append({"pair": f"resblocks.{j}.convs1/2.{k}", "key": (j, k), "drop": n, "cost": float(cost),
-                         "flops_share": macs[(j, k)] * n / total, **figures})
-    rows.sort(key=lambda r: (max(r["cost"], 0.0) / r["flops_share"], r["key"]))
+                         "flops_share": macs[(j, k)] * n / total, "time_weight": weight((j, k)), **figures})
+    # Cheapest gate cost per unit of (time-weighted) work saved first.
+    rows.sort(key=lambda r: (max(r["cost"], 0.0) / (r["flops_share"] * r["time_weight"]), r["key"]))
     plan: dict[Key, int] = {}
-    saved, goal = 0.0, fraction * total
+    weighted_total = _weighted_total(generator, macs, total, weight)
+    saved, goal = 0.0, fraction * weighted_total
     for row in rows:
         if saved >= goal:
             break
-        key = row["key"]
-        n = min(row["drop"], math.ceil((goal - saved) / macs[key]))
+        key, per_channel = row["key"], macs[row["key"]] * row["time_weight"]
+        n = min(row["drop"], math.ceil((goal - saved) / per_channel))
         plan[key] = n
-        saved += n * macs[key]
+        saved += n * per_channel
     if saved < goal:
-        raise ConfigError(f"structured pruning cannot remove {fraction:.0%} of the FLOPs with allocation 'gate' and "
-                          f"sensitivity_probe {probe} (at most {saved / total:.1%}); raise prune.sensitivity_probe")
+        unit = "FLOPs" if weighted_total == total else "time-weighted FLOPs"
+        raise ConfigError(f"structured pruning cannot remove {fraction:.0%} of the {unit} with allocation 'gate' "
+                          f"and sensitivity_probe {probe} (at most {saved / weighted_total:.1%}); raise "
+                          "prune.sensitivity_probe")
     table = [{**{k: v for k, v in r.items() if k != "key"}, "cut": plan.get(r["key"], 0)} for r in rows]
     return plan, table
 
@@ -196,9 +204,14 @@ def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp
 def prune_vocoder(generator: HiFiGANGenerator, fraction: float, importance: str = "obs",
                   allocation: str = "global", mels: Sequence[torch.Tensor] = (), damp: float = 1e-3,
                   listen: Listen | None = None, probe: float = 0.5,
+                  level_time_weights: Sequence[float] | None = None,
                   ) -> tuple[HiFiGANGenerator, dict[str, Any]]:
     """A new generator with `fraction` of the MACs removed from resblock inner channels; the parent
-    is left untouched. Returns (pruned, details). Allocation `gate` needs `listen` (see `_gate_plan`)."""
+    is left untouched. Returns (pruned, details). Allocation `gate` needs `listen` (see `_gate_plan`).
+
+    `level_time_weights` (allocation `gate` only): per upsampling level, what one FLOP of its
+    resblocks costs in time relative to the others; `fraction` is then a share of that
+    time-weighted total (see `_level_weights`)."""
     if any(not isinstance(b, ResBlock1) for b in generator.resblocks):
         raise ConfigError("structured pruning needs HiFi-GAN resblock '1' (convs1 -> convs2 pairs)")
     if importance not in IMPORTANCE or allocation not in ALLOCATION:
@@ -209,29 +222,69 @@ def prune_vocoder(generator: HiFiGANGenerator, fraction: float, importance: str 
     if allocation == "gate" and (importance != "obs" or listen is None or not 0.0 < probe < 1.0):
         raise ConfigError("prune.allocation 'gate' needs importance 'obs', a listener (the component's gate on "
                           f"calibration speech) and 0 < prune.sensitivity_probe < 1 (got {probe})")
+    if level_time_weights is not None and allocation != "gate":
+        raise ConfigError(f"prune.level_time_weights needs prune.allocation 'gate', got '{allocation}'")
     macs, total = _macs_per_channel(generator)
-    resblock_share = sum(macs[key] * generator.resblocks[key[0]].convs1[key[1]].out_channels for key in macs) / total
-    if not 0.0 <= fraction < resblock_share:
-        raise ConfigError(f"structured pruning fraction must be in [0, {resblock_share:.3f}) of the generator's "
-                          f"FLOPs (the resblock inner channels' share), got {fraction}")
+    weight = _level_weights(generator, level_time_weights)
+    resblock_share = sum(macs[key] * _width(generator, key) for key in macs) / total
+    weighted_total = _weighted_total(generator, macs, total, weight)
+    prunable = sum(macs[key] * weight(key) * _width(generator, key) for key in macs) / weighted_total
+    unit = "FLOPs" if level_time_weights is None else "time-weighted FLOPs (prune.level_time_weights)"
+    if not 0.0 <= fraction < prunable:
+        raise ConfigError(f"structured pruning fraction must be in [0, {prunable:.3f}) of the generator's "
+                          f"{unit} (the resblock inner channels' share), got {fraction}")
     moments = input_moments(generator, mels) if importance == "obs" else {}
     sensitivity: list[dict[str, Any]] = []
     if importance == "obs" and allocation == "global":
         plan = _global_plan(generator, moments, fraction, damp, macs, total)
     elif allocation == "gate":
-        plan, sensitivity = _gate_plan(generator, moments, fraction, damp, macs, total, listen, probe)
+        plan, sensitivity = _gate_plan(generator, moments, fraction, damp, macs, total, listen, probe, weight)
     else:  # the same share of every pair's channels; resblocks hold `resblock_share` of the MACs
         per_pair = fraction / resblock_share
         plan = {(j, k): round(per_pair * c.out_channels) for j, b in enumerate(generator.resblocks)
                 for k, c in enumerate(b.convs1)}
     pruned, widths = apply_plan(generator, plan, importance, moments, damp)
     details = {"method": "structured_channels", "importance": importance, "allocation": allocation,
-               "target_flops_fraction": fraction, "damp": damp, "resblock_flops_share": resblock_share,
-               "inner_channels": [list(r) for r in widths]}
+               "target_flops_fraction": fraction, "target_unit": unit, "damp": damp,
+               "resblock_flops_share": resblock_share, "inner_channels": [list(r) for r in widths]}
+    if level_time_weights is not None:
+        details["level_time_weights"] = [float(w) for w in level_time_weights]
     if sensitivity:
         details["sensitivity"] = {"probe": probe, "pairs": sensitivity}
-    log.info("structured pruning (%s, %s): %.0f %% of FLOPs targeted", importance, allocation, 100 * fraction)
+    log.info("structured pruning (%s, %s): %.0f %% of the %s targeted", importance, allocation, 100 * fraction, unit)
     return pruned.eval(), details
+
+
+def _width(generator: HiFiGANGenerator, key: Key) -> int:
+    return generator.resblocks[key[0]].convs1[key[1]].out_channels
+
+
+def _weighted_total(generator: HiFiGANGenerator, macs: dict[Key, float], total: int,
+                    weight: Callable[[Key], float]) -> float:
+    """The generator's MACs with each resblock pair's counted `weight` times (the rest, conv_pre,
+    upsamplers and conv_post, once): `total` when every weight is 1."""
+    return total + sum(macs[key] * (weight(key) - 1.0) * _width(generator, key) for key in macs)
+
+
+def _level_weights(generator: HiFiGANGenerator, weights: Sequence[float] | None) -> Callable[[Key], float]:
+    """Pair -> the time one FLOP of it costs relative to the others, from its upsampling level.
+
+    FLOPs are not time once the INT8 search has run: the lower-rate levels go INT8 and the
+    full-rate level stays float (its activations follow the waveform's level, which a static
+    8-bit scale cannot; every search on HiFi-GAN V1 so far), and ONNX Runtime's float 32-channel
+    convs run at ~55 % of its FP32 peak. Measured with `voxport profile` on the 17 % chain's INT8
+    vocoder: a level-4 FLOP cost ~8x a level-1..3 one on AVX-512 VNNI (184 GFLOP/s against 1439
+    GOP/s) and ~3x on AVX2 (59 GFLOP/s against 178 GOP/s).
+    """
+    levels = len(generator.cfg.upsample_rates)
+    if weights is None:
+        return lambda key: 1.0
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != levels or any(not w > 0 for w in weights):
+        raise ConfigError(f"prune.level_time_weights must give {levels} positive numbers (one per upsampling "
+                          f"level), got {list(weights)}")
+    per_level = len(generator.resblocks) // levels
+    return lambda key: weights[key[0] // per_level]
 
 
 def apply_plan(generator: HiFiGANGenerator, plan: dict[Key, int], importance: str, moments: dict,

@@ -30,6 +30,9 @@ class PruneConfig:
     sensitivity_clips: int = 4  # calibration clips (calib split) of each probe
     sensitivity_seconds: float = 1.5
     sensitivity_pesq_weight: float = 0.0  # + this x the PESQ drop's share of the gate in a probe's cost
+    # allocation `gate`: per upsampling level, the time one resblock FLOP costs there relative to the
+    # others (None: FLOPs are the cost); `sparsity` is then a share of the time-weighted FLOPs
+    level_time_weights: tuple[float, ...] | None = None
     # Distillation fine-tune after structured pruning (prune/finetune.py): the FP32 model teaches.
     finetune_steps: int = 0  # Adam steps (fixed: the run is deterministic); 0 = off
     finetune_seconds: float = 600.0  # wall-time cap; when hit, training stops and the record says so
@@ -54,6 +57,15 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude or ()))
+        if self.level_time_weights is not None:
+            weights = tuple(self.level_time_weights)
+            if not weights or any(isinstance(w, bool) or not isinstance(w, int | float) or not w > 0 for w in weights):
+                raise ConfigError(f"prune.level_time_weights must be null or a list of numbers > 0 (one per "
+                                  f"upsampling level), got {list(weights)!r}")
+            object.__setattr__(self, "level_time_weights", tuple(float(w) for w in weights))
+            if self.allocation != "gate":
+                raise ConfigError("prune.level_time_weights needs prune.allocation 'gate' (pairs ranked by what the "
+                                  f"gate hears per unit of time saved), got '{self.allocation}'")
         for name, allowed in (("importance", IMPORTANCES), ("allocation", ALLOCATIONS),
                               ("finetune_target", FINETUNE_TARGETS)):
             if getattr(self, name) not in allowed:

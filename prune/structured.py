@@ -55,7 +55,8 @@ def transform(parent: Record, config: PruneConfig, ctx: PassContext) -> Candidat
     mels = [torch.from_numpy(c.mel[None].astype(np.float32)) for c in clips]
     listen = _listener(ctx, parent.graph, config) if config.allocation == "gate" else None
     pruned, details = prune_vocoder(teacher, fraction, config.importance, config.allocation, mels, damp=config.damp,
-                                    listen=listen, probe=config.sensitivity_probe)
+                                    listen=listen, probe=config.sensitivity_probe,
+                                    level_time_weights=config.level_time_weights)
     details["calibration_clips"] = [c.id for c in clips]
     stem = f"{parent.component}_pruned_{config.importance}_structured_{round(100 * fraction)}"
     if config.distill:

@@ -216,6 +216,34 @@ def test_gate_allocation_cuts_where_the_listener_hears_least(real_vocoder, corpu
         prune_vocoder(real_vocoder, 0.1, "obs", "gate", mels)  # no listener
 
 
+def test_level_time_weights_rank_pairs_per_unit_of_time_saved(real_vocoder, corpus):
+    """With `level_time_weights`, a pair's FLOPs count as its level's weight: the listener below
+    charges exactly a pair's FLOP share (every pair equally cheap per FLOP), so weighting the
+    full-rate level 8x must put the whole cut there, and `fraction` is then a share of the
+    time-weighted FLOPs (the generator's other layers count once)."""
+    clips = inputs.speech_clips(corpus, real_vocoder.cfg.mel, 1, 0.3, split="calib")
+    mels = [torch.from_numpy(c.mel[None].astype(np.float32)) for c in clips]
+    base = vocoder_flops_per_second(real_vocoder)["flops_per_audio_second"]
+
+    def listen(model):
+        share = 1 - vocoder_flops_per_second(model)["flops_per_audio_second"] / base
+        return share, {}
+
+    weights = [1.0, 1.0, 1.0, 8.0]
+    pruned, details = prune_vocoder(real_vocoder, 0.05, "obs", "gate", mels, listen=listen, probe=0.5,
+                                    level_time_weights=weights)
+    cut = {p["pair"] for p in details["sensitivity"]["pairs"] if p["cut"]}
+    assert cut and all(p.startswith(("resblocks.9.", "resblocks.10.", "resblocks.11.")) for p in cut)
+    assert details["level_time_weights"] == weights and "time-weighted" in details["target_unit"]
+    level4 = 0.108  # the full-rate level's share of HiFi-GAN V1's FLOPs (README)
+    removed = 1 - vocoder_flops_per_second(pruned)["flops_per_audio_second"] / base
+    assert removed * 8 / (1 + 7 * level4) == pytest.approx(0.05, abs=0.004)
+    with pytest.raises(ConfigError, match="4 positive numbers"):
+        prune_vocoder(real_vocoder, 0.05, "obs", "gate", mels, listen=listen, level_time_weights=[1.0, 8.0])
+    with pytest.raises(ConfigError, match="needs prune.allocation 'gate'"):
+        prune_vocoder(real_vocoder, 0.05, "obs", "global", mels, level_time_weights=weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # Unstructured magnitude pruning
 
@@ -301,6 +329,13 @@ def test_every_allocation_and_finetune_setting_keys_the_stage_cache():
                         ("finetune_lr", 1e-5), ("finetune_crop_frames", 16), ("finetune_context_frames", 4),
                         ("finetune_batch", 2), ("finetune_stft_weight", 1.0), ("finetune_target", "recording")):
         assert kind.key_fields(kind.config({name: value})) != base, name
+    gate = {"allocation": "gate"}
+    assert kind.key_fields(kind.config({**gate, "level_time_weights": [1, 1, 1, 6]})) != kind.key_fields(
+        kind.config(gate))
+    with pytest.raises(ConfigError, match="level_time_weights needs prune.allocation 'gate'"):
+        kind.config({"level_time_weights": [1, 1, 1, 6]})
+    with pytest.raises(ConfigError, match="numbers > 0"):
+        kind.config({**gate, "level_time_weights": [1, 1, 1, 0]})
 
 
 @pytest.mark.slow
