@@ -146,11 +146,14 @@ class Bundle:
     cache: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
-        from voxport.pipeline.summary import artifact_table, ranking_table, rows
+        from voxport.pipeline.summary import artifact_table, chains, ranking_table, rows
 
         text = artifact_table(self.records, self.path)
         text += ("\n\nfastest passing artifacts per component (speed measured side by side in this build):\n"
                  + ranking_table(rows(self.records)))
+        made = chains(self.records)
+        if made:
+            text += "\n\nhow the fastest passing artifact was made, step by step:\n" + made
         if self.cache.get("hits") or self.cache.get("misses"):
             text += (f"\n\nstage cache: {len(self.cache.get('hits', []))} reused, "
                      f"{len(self.cache.get('misses', []))} computed")

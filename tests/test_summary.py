@@ -1,6 +1,7 @@
 """The sweep summary: variants ranked by measured speed at passing quality, copies merged."""
 
-from voxport.pipeline.summary import ranking_table
+from voxport.pipeline.records import Record
+from voxport.pipeline.summary import chains, ranking_table
 
 
 def row(variant: str, component: str, file: str, sha: str, speed: float, passed: bool = True) -> dict:
@@ -23,3 +24,31 @@ def test_sweep_ranking_merges_identical_artifacts_and_ranks_variants_by_speed() 
         ("speaker_encoder", "all 3 variants (same artifact)"),
         ("vocoder", "calibration=entropy"), ("vocoder", "calibration=minmax")]  # fastest first; failed left out
     assert body[0][4] == "2.00"  # the median of the identical artifact's three timings
+
+
+def test_the_chain_of_the_fastest_passing_artifact_is_spelled_out_step_by_step() -> None:
+    def rec(file, stage, parent=None, precision="fp32", fmt="onnx", speed=None, quality=None):
+        return Record(component="vocoder", graph="vocoder", format=fmt, precision=precision, file=file, sha256=file,
+                      weights="real", stage=stage, parent=parent, speed=speed or {}, quality=quality or {})
+
+    gate = {"log_mel_distance_increase_db": 0.21, "pesq_drop": -0.04, "passed": True}
+    records = [
+        rec("v.pt", "source", fmt="torch"),
+        rec("v.onnx", "export", "v.pt", speed={"speedup_vs_torch_fp32": 1.1}),
+        rec("v_int8.onnx", "quantize-static", "v.onnx", "int8-static", speed={"speedup_vs_torch_fp32": 2.2},
+            quality=gate),
+        rec("p.pt", "prune", "v.pt", fmt="torch", speed={"speedup_vs_torch_fp32": 1.12, "flops_reduction": 0.128},
+            quality={**gate, "log_mel_distance_increase_db": 0.10}),
+        rec("p.onnx", "export", "p.pt", quality={**gate, "log_mel_distance_increase_db": 0.10}),
+        rec("p_int8.onnx", "quantize-static", "p.onnx", "int8-static",
+            speed={"speedup_vs_torch_fp32": 2.96, "parent_speedup_vs_torch_fp32": 1.05}, quality=gate),
+        rec("fast_but_failed.onnx", "quantize-static", "p.onnx", "int8-static",
+            speed={"speedup_vs_torch_fp32": 4.0}, quality={**gate, "passed": False}),
+    ]
+    assert chains(records) == (
+        "- vocoder: v.pt -> prune: p.pt (FLOPs -13 %, log-mel +0.10 dB, PESQ +0.04 vs FP32, 1.12x PyTorch FP32)"
+        " -> export: p.onnx (1.05x PyTorch FP32)"
+        " -> quantize-static: p_int8.onnx (log-mel +0.21 dB, PESQ +0.04 vs FP32, 2.96x PyTorch FP32)")
+    # One stage from the original: nothing to spell out beyond the ranking table.
+    assert chains(records[:1] + [rec("q.onnx", "quantize-static", "v.pt", "int8-static",
+                                     speed={"speedup_vs_torch_fp32": 2.0}, quality=gate)]) == ""
