@@ -148,10 +148,11 @@ class Bundle:
     def summary(self) -> str:
         from voxport.pipeline.summary import artifact_table, chains, ranking_table, rows
 
+        table = rows(self.records)
         text = artifact_table(self.records, self.path)
         text += ("\n\nfastest passing artifacts per component (speed measured side by side in this build):\n"
-                 + ranking_table(rows(self.records)))
-        made = chains(self.records)
+                 + ranking_table(table))
+        made = chains(self.records, table)
         if made:
             text += "\n\nhow the fastest passing artifact was made, step by step:\n" + made
         if self.cache.get("hits") or self.cache.get("misses"):

@@ -77,16 +77,16 @@ def ranking_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def chains(records: Iterable[Record]) -> str:
-    """Per component, how its fastest passing artifact was made when more than one stage made it:
-    every step from the PyTorch original with the figures of what that step produced, e.g.
-    `vocoder_fp32.pt -> prune: ... (FLOPs -13 %, log-mel +0.10 dB, ...) -> export: ... -> quantize-static: ...`."""
-    records = list(records)
+def chains(records: Iterable[Record], table: list[dict[str, Any]]) -> str:
+    """Per component, how its fastest passing artifact (by `table`, the `rows` of `records`) was made
+    when more than one stage made it: every step from the PyTorch original with the figures of what
+    that step produced, e.g. `vocoder_fp32.pt -> prune: ... (FLOPs -13 %, log-mel +0.10 dB, ...) ->
+    export: ... -> quantize-static: ...`."""
     by_file = {r.file: r for r in records}
-    ranked = rows(records)
+    ratio = {row["file"]: row["speedup_vs_torch_fp32"] for row in table}
     lines = []
-    for component in dict.fromkeys(row["component"] for row in ranked):
-        passing = [row for row in ranked if row["component"] == component and row["passed"]]
+    for component in dict.fromkeys(row["component"] for row in table):
+        passing = [row for row in table if row["component"] == component and row["passed"]]
         if not passing:
             continue
         best = max(passing, key=lambda row: row["speedup_vs_torch_fp32"])
@@ -98,13 +98,14 @@ def chains(records: Iterable[Record]) -> str:
             continue  # made by one stage (or its origin is not in this build): the table says it all
         parts = [record.file]
         for step in reversed(steps):
-            figures = [f"FLOPs -{100 * step.speed['flops_reduction']:.0f} %"] if (step.speed or {}).get(
-                "flops_reduction") and step.stage == "prune" else []
+            figures = []
+            reduction = (step.speed or {}).get("flops_reduction")
+            if reduction and step.stage == "prune":  # later steps inherit the figure
+                figures.append(f"FLOPs -{100 * reduction:.0f} %")
             if step.quality and step.stage != "export":  # an export repeats its parent's gate figures
                 figures.append(quality_headline(step.quality))
-            ratio = next((row["speedup_vs_torch_fp32"] for row in ranked if row["file"] == step.file), None)
-            if ratio:
-                figures.append(f"{ratio:.2f}x PyTorch FP32")
+            if ratio.get(step.file):
+                figures.append(f"{ratio[step.file]:.2f}x PyTorch FP32")
             parts.append(f"{step.stage}: {step.file}" + (f" ({', '.join(figures)})" if figures else ""))
         lines.append(f"- {component}: " + " -> ".join(parts))
     return "\n".join(lines)

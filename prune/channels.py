@@ -154,6 +154,7 @@ def _global_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, da
 
 def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp: float, macs: dict[Key, float],
                total: int, listen: Listen, probe: float, weight: Callable[[Key], float] = lambda key: 1.0,
+               weighted_total: float | None = None, unit: str = "FLOPs",
                ) -> tuple[dict[Key, int], list[dict[str, Any]]]:
     """Channels to drop per pair, chosen by what the GATE hears, not by a feature-domain error.
 
@@ -170,7 +171,8 @@ def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp
     while the 64- and 32-channel pairs cost 0.1-0.6 dB.
 
     `weight(pair)` is what one of its FLOPs costs in time relative to the others (`_level_weights`):
-    pairs are then ranked per unit of time saved and `fraction` is a share of the time-weighted total.
+    pairs are then ranked per unit of time saved and `fraction` is a share of `weighted_total`
+    (`_weighted_total`; `total` when no weights are given).
     """
     rows = []
     for j, block in enumerate(generator.resblocks):
@@ -183,7 +185,7 @@ def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp
     # Cheapest gate cost per unit of (time-weighted) work saved first.
     rows.sort(key=lambda r: (max(r["cost"], 0.0) / (r["flops_share"] * r["time_weight"]), r["key"]))
     plan: dict[Key, int] = {}
-    weighted_total = _weighted_total(generator, macs, total, weight)
+    weighted_total = total if weighted_total is None else weighted_total
     saved, goal = 0.0, fraction * weighted_total
     for row in rows:
         if saved >= goal:
@@ -193,7 +195,6 @@ def _gate_plan(generator: HiFiGANGenerator, moments: dict, fraction: float, damp
         plan[key] = n
         saved += n * per_channel
     if saved < goal:
-        unit = "FLOPs" if weighted_total == total else "time-weighted FLOPs"
         raise ConfigError(f"structured pruning cannot remove {fraction:.0%} of the {unit} with allocation 'gate' "
                           f"and sensitivity_probe {probe} (at most {saved / weighted_total:.1%}); raise "
                           "prune.sensitivity_probe")
@@ -238,7 +239,8 @@ def prune_vocoder(generator: HiFiGANGenerator, fraction: float, importance: str 
     if importance == "obs" and allocation == "global":
         plan = _global_plan(generator, moments, fraction, damp, macs, total)
     elif allocation == "gate":
-        plan, sensitivity = _gate_plan(generator, moments, fraction, damp, macs, total, listen, probe, weight)
+        plan, sensitivity = _gate_plan(generator, moments, fraction, damp, macs, total, listen, probe, weight,
+                                       weighted_total, unit)
     else:  # the same share of every pair's channels; resblocks hold `resblock_share` of the MACs
         per_pair = fraction / resblock_share
         plan = {(j, k): round(per_pair * c.out_channels) for j, b in enumerate(generator.resblocks)

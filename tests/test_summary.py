@@ -1,7 +1,7 @@
 """The sweep summary: variants ranked by measured speed at passing quality, copies merged."""
 
 from voxport.pipeline.records import Record
-from voxport.pipeline.summary import chains, ranking_table
+from voxport.pipeline.summary import chains, ranking_table, rows
 
 
 def row(variant: str, component: str, file: str, sha: str, speed: float, passed: bool = True) -> dict:
@@ -45,10 +45,11 @@ def test_the_chain_of_the_fastest_passing_artifact_is_spelled_out_step_by_step()
         rec("fast_but_failed.onnx", "quantize-static", "p.onnx", "int8-static",
             speed={"speedup_vs_torch_fp32": 4.0}, quality={**gate, "passed": False}),
     ]
-    assert chains(records) == (
+    assert chains(records, rows(records)) == (
         "- vocoder: v.pt -> prune: p.pt (FLOPs -13 %, log-mel +0.10 dB, PESQ +0.04 vs FP32, 1.12x PyTorch FP32)"
         " -> export: p.onnx (1.05x PyTorch FP32)"
         " -> quantize-static: p_int8.onnx (log-mel +0.21 dB, PESQ +0.04 vs FP32, 2.96x PyTorch FP32)")
     # One stage from the original: nothing to spell out beyond the ranking table.
-    assert chains(records[:1] + [rec("q.onnx", "quantize-static", "v.pt", "int8-static",
-                                     speed={"speedup_vs_torch_fp32": 2.0}, quality=gate)]) == ""
+    single = records[:1] + [rec("q.onnx", "quantize-static", "v.pt", "int8-static",
+                                speed={"speedup_vs_torch_fp32": 2.0}, quality=gate)]
+    assert chains(single, rows(single)) == ""
