@@ -52,10 +52,10 @@ class QuantizeConfig:
     # what INT8 adds must fit; a pruned parent's own cost is judged by the final held-out gate).
     # Either way the artifact itself is gated against the original on held-out clips.
     search_reference: str = "original"
-    # The residual Adds reading a candidate layer join the mixed-precision search, each ranked right
-    # after the layer it reads; the accepted ones run in INT8 (ORT's QLinearAdd), so a residual
-    # stack stays in integers between its convolutions instead of dequantizing, adding in float
-    # and requantizing around every layer (quantize/static.py _with_residual_adds).
+    # The residual Adds reading a candidate layer join the mixed-precision search; the accepted ones
+    # run in INT8 (ORT's QLinearAdd), so a residual stack stays in integers between its convolutions
+    # instead of dequantizing, adding in float and requantizing around every layer. Each Add is
+    # ranked by its own emulated error, never before its layer (quantize/static.py _ranking).
     integer_adds: bool = False
     # Dynamic INT8
     engine: str = "onnxruntime"

@@ -15,7 +15,7 @@ from conftest import run_stage, stage_context
 from voxport.errors import ConfigError, GateError
 from voxport.pipeline.engine import BuildContext
 from voxport.pipeline.records import Record, read_bundle, read_record
-from voxport.quantize import qdq
+from voxport.quantize import qdq, search
 from voxport.quantize.config import QuantizeConfig
 from voxport.runtime.backends.onnxruntime import SessionSettings
 
@@ -152,18 +152,24 @@ def test_integer_adds_keep_an_int8_residual_stack_in_integers(ctx: BuildContext)
     assert not set(adds) & set(record.parity["float_nodes"])  # the layers' report stays about layers
 
 
-def test_each_residual_add_is_ranked_right_after_the_layer_it_reads(ctx: BuildContext, tmp_path: Path):
-    from voxport.quantize.static import _with_residual_adds
+def test_an_add_ranks_with_the_layers_it_reads_at_the_larger_error(ctx: BuildContext, tmp_path: Path):
+    from voxport.quantize.static import _ranking
 
     model = qdq.load_graph(qdq.preprocess(ctx.bundle_dir / parent(ctx).file, tmp_path / "pre.onnx"))
-    ranked = [("/generator/resblocks.4/convs2.1/Conv", 0.01), ("/generator/resblocks.4/convs1.1/Conv", 0.02),
-              ("/generator/resblocks.4/convs2.0/Conv", 0.03)]
-    adds = qdq.residual_adds(model, [n for n, _ in ranked])
-    assert _with_residual_adds(ranked, model, adds) == [
-        ("/generator/resblocks.4/convs2.1/Conv", 0.01), ("/generator/resblocks.4/Add_1", 0.01),
-        ("/generator/resblocks.4/convs1.1/Conv", 0.02),
-        ("/generator/resblocks.4/convs2.0/Conv", 0.03), ("/generator/resblocks.4/Add", 0.03)]
-    assert _with_residual_adds(ranked, model, []) == ranked  # integer_adds off: the layers' ranking
+    conv = "/generator/resblocks.{}/convs{}.{}/Conv".format
+    # Two layers of level 2 (1 MAC each) and one of the full-rate level (0.25: a quarter of the channels).
+    errors = {conv(4, 2, 1): 0.02, conv(4, 2, 0): 0.05, conv(10, 2, 0): 0.02}
+    macs = {conv(4, 2, 1): 1.0, conv(4, 2, 0): 1.0, conv(10, 2, 0): 0.25}
+    adds = qdq.residual_adds(model, list(errors))
+    assert adds == ["/generator/resblocks.4/Add", "/generator/resblocks.4/Add_1", "/generator/resblocks.10/Add"]
+    # As cheap as their layers, a level-2 Add follows its layer; the full-rate Add costs 40x its layer.
+    errors |= {adds[0]: 0.01, adds[1]: 0.03, adds[2]: 0.8}
+    ranked = _ranking(errors, macs, "error_per_mac", model, adds)
+    assert [n for n, _ in ranked] == [conv(4, 2, 1), conv(4, 2, 0), adds[0], adds[1], conv(10, 2, 0), adds[2]]
+    assert dict(ranked) == errors  # the record shows each node's own error
+    by_error = [n for n, _ in _ranking(errors, macs, "error", model, adds)]
+    assert by_error.index(adds[0]) > by_error.index(conv(4, 2, 0))  # never before what it reads
+    assert _ranking(errors, macs, "error", model, []) == search.rank(errors, macs, "error")
 
 
 def _all_convs() -> list[str]:

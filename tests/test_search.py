@@ -132,6 +132,45 @@ def test_emulated_ranking_matches_real_ort_single_layer_errors(vocoder_work: dic
     assert all(m > 0 for m in macs.values())
 
 
+@pytest.mark.slow
+def test_emulated_add_errors_match_real_ort(vocoder_work: dict):
+    """A quantized Add (ORT's QLinearAdd) rounds both summands, for every reader, and the sum: the
+    emulation reproduces ORT's single-Add error for a residual Add of the first level, one of the
+    full-rate level and one reading another Add (each mapped through the traced module)."""
+    w = vocoder_work
+    adds = ["/generator/resblocks.0/Add", "/generator/resblocks.11/Add_2", "/generator/resblocks.5/Add_1"]
+    candidates, _ = qdq.candidate_nodes(w["pre_model"], w["qc"])
+    assert set(adds) <= set(qdq.residual_adds(w["pre_model"], candidates))
+    every = qdq.quantize(w["pre"], w["dir"] / "adds.onnx", w["qc"], [*candidates, *adds], w["cache"])
+    qadds = emulate.qadds(qdq.load_graph(every))
+    assert set(qadds) == set(adds) and all(len(q.inputs) == 2 and q.output for q in qadds.values())
+    sources = emulate.add_sources(w["pre_model"], w["spec"].module, adds)
+    # A residual Add reads its layer and the stream: the upsampler's output or the Add before it.
+    assert set(sources[adds[0]]) == {("module", "generator.resblocks.0.convs2.0"), ("module", "generator.ups.0")}
+    assert set(sources[adds[2]]) == {("add", "/generator/resblocks.5/Add"),
+                                     ("module", "generator.resblocks.5.convs2.1")}
+    clip = w["clips"][0]
+    rate = w["rate"]
+
+    def distance(ref: np.ndarray, out: np.ndarray) -> float:
+        return metrics.log_mel_distance_db(ref.ravel(), out.ravel(), rate)
+
+    emulated, work = emulate.layer_errors(w["spec"].module, {}, {}, [torch.from_numpy(clip.mel[None])], distance,
+                                          adds=qadds, add_inputs=sources)
+    from voxport.export.onnx import ort_runner
+
+    ref = ort_runner(w["pre"])({"mel": clip.mel[None]})["wav"]
+    for add in adds:
+        one = qdq.quantize(w["pre"], w["dir"] / "one_add.onnx", w["qc"], [add], w["cache"])
+        real = distance(ref, ort_runner(one)({"mel": clip.mel[None]})["wav"])
+        assert emulated[add] == pytest.approx(real, rel=0.05, abs=0.01), add
+    assert emulated[adds[1]] > 3 * emulated[adds[0]]  # the full-rate stream is what 8 bits cannot hold
+    assert work[adds[0]] == 256 * clip.mel.shape[1] * 8  # elements of level 1's output (hop 256 = 8 x ...)
+    with pytest.raises(ConfigError, match="cannot map ONNX Add"):
+        emulate.layer_errors(w["spec"].module, {}, {}, [torch.from_numpy(clip.mel[None])], distance,
+                             adds={adds[0]: qadds[adds[0]]}, add_inputs={adds[0]: (None, None)})
+
+
 @pytest.fixture(scope="module")
 def vocoder_work(bundle: Path, corpus, tmp_path_factory) -> dict:
     """The real vocoder's FP32 ONNX, pre-processed, calibrated (MinMax, short real clips) once."""
@@ -146,7 +185,7 @@ def vocoder_work(bundle: Path, corpus, tmp_path_factory) -> dict:
     module = registry.load_torch_artifact(bundle / source.file, source.model)
     spec = registry.graph_specs(module, source.model)["vocoder"]
     work = tmp_path_factory.mktemp("search")
-    qc = QuantizeConfig(calibration="minmax", calibration_clips=3, crop_seconds=0.5)
+    qc = QuantizeConfig(calibration="minmax", calibration_clips=3, crop_seconds=0.5, integer_adds=True)
     pre = qdq.preprocess(bundle / onnx_rec.file, work / "pre.onnx")
     pre_model = qdq.load_graph(pre)
     candidates, _ = qdq.candidate_nodes(pre_model, qc)
