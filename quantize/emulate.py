@@ -8,7 +8,7 @@ half to even), its weights per channel as ORT stored them. Only the part of the 
 depends on the perturbed layer is recomputed: the module is traced with torch.fx and every other
 value comes from one cached FP32 run, which cuts the cost to a fraction of a forward per layer.
 
-Residual Adds are emulated the same way (`qadds`, `add_errors`): ORT runs an Add whose inputs
+Residual Adds are emulated the same way (`qadds`, `add_sources`, `layer_errors`): ORT runs an Add whose inputs
 and output are quantized as QLinearAdd, i.e. both summands and the sum rounded per tensor, and
 the rounded input tensors are what every other reader of them sees too.
 
@@ -231,8 +231,9 @@ def add_sources(float_model: onnx.ModelProto, module: torch.nn.Module, adds: Seq
     from voxport.quantize.qdq import node_weights
 
     producer = {out: n for n in float_model.graph.node for out in n.output}
+    weighted = node_weights(float_model)
     layers = [n.name for n in float_model.graph.node
-              if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and n.name in node_weights(float_model)]
+              if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and n.name in weighted]
     paths = module_paths(float_model, module, layers)
     by_name = {n.name: n for n in float_model.graph.node}
     sources: dict[str, tuple[tuple[str, str] | None, ...]] = {}
@@ -258,10 +259,10 @@ def _is_add(n: torch.fx.Node) -> bool:
 
 
 def _fx_adds(gm: torch.fx.GraphModule, sources: Mapping[str, tuple[tuple[str, str] | None, ...]],
-             ) -> dict[str, torch.fx.Node]:
-    """ONNX Add -> the traced `+` computing it: the add reading the same layers' (or Adds')
-    outputs. An Add whose inputs resolve to nothing, or to several candidate adds, is an error,
-    so a wrong match cannot pass silently."""
+             ) -> dict[str, tuple[torch.fx.Node, list[torch.fx.Node | None]]]:
+    """ONNX Add -> (the traced `+` computing it, the traced node of each ONNX input or None): the add
+    reading the same layers' (or Adds') outputs. An Add whose inputs resolve to nothing, or to
+    several candidate adds, is an error, so a wrong match cannot pass silently."""
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     found: dict[str, torch.fx.Node] = {}
 
@@ -282,12 +283,10 @@ def _fx_adds(gm: torch.fx.GraphModule, sources: Mapping[str, tuple[tuple[str, st
             found[add] = users[0]
         return found[add]
 
-    for add in sources:
-        match(add)
-    return found
+    return {add: (match(add), [resolve(s) for s in sources[add]]) for add in sources}
 
 
-def _add_rounding(node: torch.fx.Node, qadd: QAdd, source_nodes: Sequence[torch.fx.Node | None],
+def _add_rounding(node: torch.fx.Node, source_nodes: Sequence[torch.fx.Node | None], qadd: QAdd,
                   ) -> dict[torch.fx.Node, QTensor]:
     """What quantizing one Add rounds: each summand's tensor (for every reader, as ORT's Q/DQ
     pair serves them all) and the sum."""
@@ -338,13 +337,9 @@ def layer_errors(module: torch.nn.Module, layers: Mapping[str, QLayer], paths: M
     gm = torch.fx.symbolic_trace(module)
     dirty = {node: _descendants(gm, [path, *siblings.get(node, ())]) for node, path in paths.items()}
     rounding: dict[str, dict[torch.fx.Node, QTensor]] = {}
-    if adds:
-        sources = dict(add_inputs or {})
-        twins = _fx_adds(gm, sources)
-        calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-        for add, qadd in adds.items():
-            resolved = [None if s is None else calls[s[1]] if s[0] == "module" else twins[s[1]] for s in sources[add]]
-            rounding[add] = _add_rounding(twins[add], qadd, resolved)
+    twins = _fx_adds(gm, add_inputs or {}) if adds else {}
+    for add, qadd in adds.items():
+        rounding[add] = _add_rounding(*twins[add], qadd)
     errors: dict[str, list[float]] = {node: [] for node in [*paths, *adds]}
     macs: dict[str, float] = {}
     with torch.inference_mode():
@@ -358,7 +353,7 @@ def layer_errors(module: torch.nn.Module, layers: Mapping[str, QLayer], paths: M
                 macs[node] = _conv_macs(gm, cache, path)
             for add, rounded in rounding.items():
                 errors[add].append(float(metric(ref, _Rounded(gm, cache, rounded).run(feed)[0].numpy())))
-                macs[add] = float(cache[twins[add]].numel())
+                macs[add] = float(cache[twins[add][0]].numel())
             del cache, ref_run
     return {node: float(np.mean(v)) for node, v in errors.items()}, macs
 
