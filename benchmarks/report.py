@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from voxport.pipeline.records import atomic_write_text
+from voxport.pipeline.records import ENGINES, atomic_write_text
 
 # (key in the row's quality figures, label, format): the record's headline figures, in this order.
 _HEADLINE = (
@@ -40,7 +40,7 @@ def variant(row: dict[str, Any]) -> str:
     """Backend and precision as people say it: `onnxruntime cpu int8-static`, `torch fp32 pruned 30%`."""
     if row["kind"] != "graph":
         return row["backend"]
-    engine = {"torch": "torch", "onnx": "onnxruntime", "trt": "tensorrt"}[row["format"]]
+    engine = ENGINES[row["format"]]
     label = f"{engine} {row['device']} {row['precision']}"
     if str(row.get("stage") or "").startswith("prune"):
         label += f" pruned {row['sparsity']:.0%}" if row.get("sparsity") else " pruned"

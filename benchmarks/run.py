@@ -30,7 +30,7 @@ from voxport.pipeline.schema import RunConfig
 log = logging.getLogger(__name__)
 
 SYNTH_GRAPHS = ("encoder", "decoder_step", "postnet")
-_FORMAT_ORDER = {"torch": 0, "onnx": 1, "trt": 2}
+_FORMAT_ORDER = {"torch": 0, "onnx": 1, "openvino": 2, "trt": 3}
 
 METHOD = [
     "RTF of a graph row divides by the audio its input stands for: vocoder and postnet, the mel's "
@@ -146,7 +146,7 @@ def plan_jobs(records: list[Record], b: Any, bundle: Path, inputs_dir: Path, thr
             skipped.append({"what": component, "why": "no artifact of it in the bundle"})
         for record in mine:
             for graph in SYNTH_GRAPHS if record.graph == "*" else (record.graph,):
-                devices = {"torch": ["cpu"], "onnx": ["cpu"], "trt": ["cuda"]}[record.format]
+                devices = {"torch": ["cpu"], "onnx": ["cpu"], "openvino": ["cpu"], "trt": ["cuda"]}[record.format]
                 if record.format == "onnx" and cuda and "CUDAExecutionProvider" in providers:
                     devices.append("cuda")
                 if record.format == "trt" and not cuda:

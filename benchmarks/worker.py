@@ -193,6 +193,8 @@ def _graph_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         # The bench pins intra-op threads (as torch's) over the record's session settings; the rest
         # (graph optimization, spinning) is what the build timed, and the row says what was used.
         options = {"providers": providers, "intra_op_threads": int(job["threads"]) or None}
+    elif record.format == "openvino":
+        options = {"threads": int(job["threads"]) or None}
     elif record.format == "trt":
         from voxport.runtime.host import detect
 

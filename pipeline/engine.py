@@ -340,6 +340,7 @@ def judge_and_time(ctx: BuildContext, kind: PassKind, candidate: Candidate, pare
     figures, failures = judge(ctx, kind, candidate, parent, component)
     timed = kind.timed and candidate.notes.get("timed", True) and not (kind.exact and parent.stage == "source")
     speeds: dict[str, dict[str, Any]] = {}
+    slower: list[str] = []
     if timed and not failures:
         time_parent = candidate.notes.get("time_parent", True)
         for record in candidate.records:
@@ -350,7 +351,10 @@ def judge_and_time(ctx: BuildContext, kind: PassKind, candidate: Candidate, pare
                 ratio = speed.get("speedup_vs_parent", speed["speedup_vs_torch_fp32"])
                 versus = "its parent" if "speedup_vs_parent" in speed else "PyTorch FP32"
                 if ratio <= 1.0:
-                    failures.append(f"{file} not faster than {versus}: {ratio:.2f}x (gate require_speedup)")
+                    slower.append(f"{file} not faster than {versus}: {ratio:.2f}x (gate require_speedup)")
+    if slower and kind.alternative and not failures:
+        raise StageSkipped(f"{'; '.join(slower)}; the parent serves")
+    failures += slower
     if failures:
         label = candidate.notes.get("label") or ", ".join(r.file for r in candidate.records)
         raise GateError(label, failures, {"quality": figures, "speed": speeds,
@@ -445,6 +449,8 @@ def _options(ctx: BuildContext, record: Record, variant: Mapping[str, Any] | Non
         return {"settings": settings}
     if record.format == "trt":
         return {"host": _host()}
+    if record.format == "openvino":
+        return {"threads": ctx.threads or None}
     return {}
 
 

@@ -36,6 +36,9 @@ class PassKind:
     requires: tuple[str, ...] = ()  # host capabilities without which it cannot run at all
     exact: bool = False  # an exact transform: judged by FP32 parity against its parent, not by ear
     timed: bool = True  # timed side by side against PyTorch FP32 (and its parent)
+    # Another engine for an artifact that already passed: where it is not faster than that parent
+    # (gate `require_speedup`), the stage is skipped with the measured figures, not failed.
+    alternative: bool = False
 
     def load(self) -> Any:
         return importlib.import_module(self.module)
@@ -67,6 +70,7 @@ PASSES: dict[str, PassKind] = {kind.name: kind for kind in (
     PassKind("prune_magnitude", "voxport.prune.magnitude", settings="prune"),
     PassKind("prune_structured", "voxport.prune.structured", settings="prune"),
     PassKind("fp16", "voxport.export.fp16", settings="fp16"),
+    PassKind("openvino", "voxport.export.openvino", settings="openvino", alternative=True),
     PassKind("tensorrt", "voxport.export.tensorrt", settings="tensorrt", requires=("cuda", "tensorrt")),
 )}
 

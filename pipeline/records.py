@@ -22,7 +22,9 @@ from typing import Any
 from voxport.errors import ConfigError
 
 RECORD_VERSION = 1
-FORMATS = ("torch", "onnx", "trt")
+FORMATS = ("torch", "onnx", "trt", "openvino")
+# The engine that runs each format, by the name logs, /health and bench rows use.
+ENGINES = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino", "trt": "tensorrt"}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
 
 
@@ -39,12 +41,12 @@ class Record:
 
     component: str  # speaker_encoder | synthesizer | vocoder
     graph: str  # speaker_encoder | encoder | decoder_step | postnet | vocoder
-    format: str  # torch | onnx | trt
+    format: str  # torch | onnx | trt | openvino
     precision: str  # fp32 | fp16 | bf16 | int8-dynamic | int8-static
     file: str  # file name, relative to the bundle directory
     sha256: str
     weights: str  # "real" (trained weights) | "seeded" (built from a seed: output is not speech)
-    stage: str  # source | export | quantize-dynamic | quantize-static | prune | fp16 | tensorrt
+    stage: str  # source | export | quantize-dynamic | quantize-static | prune | fp16 | tensorrt | openvino
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     parent: str | None = None  # parent artifact file name
@@ -95,7 +97,7 @@ def tool_versions() -> dict[str, str]:
     import importlib.metadata
 
     versions = {"python": platform.python_version()}
-    for dist in ("voxport", "torch", "onnx", "onnxruntime", "tensorrt"):
+    for dist in ("voxport", "torch", "onnx", "onnxruntime", "openvino", "tensorrt"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

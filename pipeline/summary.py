@@ -146,9 +146,15 @@ def artifact_table(records: list, bundle_dir: Path) -> str:
     rows = ["| artifact | component | format | precision | weights | MB | parity vs PyTorch FP32 |",
             "|---|---|---|---|---|---:|---|"]
     for r in records:
+        size = sum((bundle_dir / name).stat().st_size for name in (r.file, *_weight_files(r)))
         rows.append(f"| {r.file} | {r.key} | {r.format} | {r.precision} | {r.weights} | "
-                    f"{(bundle_dir / r.file).stat().st_size / 1e6:.1f} | {headline(r)} |")
+                    f"{size / 1e6:.1f} | {headline(r)} |")
     return "\n".join(rows)
+
+
+def _weight_files(record: Any) -> list[str]:
+    """Files an artifact cannot run without besides its own (an OpenVINO IR's `.bin`)."""
+    return [n for n in (record.config or {}).get("sidecars", []) if record.format == "openvino"]
 
 
 def headline(record: Any) -> str:

@@ -173,9 +173,16 @@ def left_float(path: Path, nodes: Iterable[str]) -> list[str]:
     return left
 
 
+# OpenVINO's runtime layers, counted as `<layer type>[<runtime precision>]` (export/openvino.py).
+OPENVINO_INTEGER_LAYERS = tuple(f"{layer}[{p}]" for layer in ("Convolution", "Deconvolution", "FullyConnected",
+                                                                 "MatMul") for p in ("u8", "i8"))
+
+
 def integer_op_total(counts: Mapping[str, int]) -> int:
-    """Integer kernels among op counts (ONNX Runtime ops, or PyTorch `DynamicQuantized*` modules)."""
-    return sum(v for k, v in counts.items() if k in INTEGER_OPS or k.startswith("DynamicQuantized"))
+    """Integer kernels among op counts (ONNX Runtime ops, OpenVINO layers, or PyTorch
+    `DynamicQuantized*` modules)."""
+    return sum(v for k, v in counts.items()
+               if k in INTEGER_OPS or k in OPENVINO_INTEGER_LAYERS or k.startswith("DynamicQuantized"))
 
 
 def candidate_nodes(model: onnx.ModelProto, cfg: QuantizeConfig) -> tuple[list[str], dict[str, str]]:

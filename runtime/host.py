@@ -186,7 +186,7 @@ def detect() -> Host:
             gpus.append({"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
                          "memory_mb": int(props.total_memory // (1 << 20))})
     trt_version, trt_error = _tensorrt()
-    versions = {d: v for d in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python")
+    versions = {d: v for d in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "cuda-python")
                 if (v := _version(d))}
     return Host(
         cpu_model=model, cores=os.cpu_count() or 1, cpu_flags=flags,

@@ -3,8 +3,8 @@
 Tiers, tried in the preference order (default: all of them, fastest first):
 - `trt`: a TensorRT engine whose portability fingerprint matches this host;
 - `onnx-cuda`: an ONNX artifact on ONNX Runtime's CUDA provider (FP16 before FP32);
-- `cpu`: the fastest gate-passing CPU artifact of any format, by its recorded speed-up over
-  PyTorch FP32 (measured side by side in one process when it was built);
+- `cpu`: the fastest gate-passing CPU artifact of any format (ONNX Runtime, OpenVINO, PyTorch), by
+  its recorded speed-up over PyTorch FP32 (measured side by side in one process when it was built);
 - `onnx`: the same, ONNX artifacts only;
 - `torch`: the PyTorch FP32 original.
 The choice carries its reason (and why every earlier tier was passed over), so logs,
@@ -26,6 +26,7 @@ from voxport.runtime.host import Host, fingerprint_mismatches
 TIERS = ("trt", "onnx-cuda", "cpu", "onnx", "torch")
 DEFAULT_PREFERENCE = ("trt", "onnx-cuda", "cpu", "torch")
 CPU_PROVIDERS = ("CPUExecutionProvider",)
+CPU_FORMATS = ("onnx", "openvino", "torch")  # engines of the `cpu` tier: ONNX Runtime, OpenVINO, PyTorch
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 # ONNX precisions worth running on ONNX Runtime CUDA, best first (its INT8 kernels are CPU-oriented).
 _CUDA_PRECISIONS = ("fp16", "fp32")
@@ -108,7 +109,8 @@ def _cpu_candidates(found: list[Record], host: Host, formats: tuple[str, ...],
             continue
         if r.precision == "fp16":
             notes.append(f"{r.file} is a GPU artifact (FP16 on a CPU runs through inserted Casts)")
-        elif r.precision == "bf16" and not host.native_bf16:
+        elif (r.precision == "bf16" or (r.config or {}).get("inference_precision") == "bf16") \
+                and not host.native_bf16:
             notes.append(f"{r.file} needs native bfloat16 (avx512_bf16 / amx_bf16), absent here")
         else:
             ok.append(r)
@@ -148,7 +150,7 @@ def _tier(tier: str, found: list[Record], host: Host) -> tuple[list[Record], str
         return onnx, f"onnx {onnx[0].precision} on ONNX Runtime CUDA"
     if tier in ("cpu", "onnx"):
         parent_ratios = parent_speedups(found)
-        ranked_cpu, notes = _cpu_candidates(found, host, ("onnx", "torch") if tier == "cpu" else ("onnx",),
+        ranked_cpu, notes = _cpu_candidates(found, host, CPU_FORMATS if tier == "cpu" else ("onnx",),
                                             parent_ratios)
         if not ranked_cpu:
             return [], "no CPU artifact" + (f" ({'; '.join(notes)})" if notes else "")

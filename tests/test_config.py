@@ -24,6 +24,7 @@ from voxport.errors import ConfigError
 from voxport.evaluate.components import COMPONENTS, ValidationConfig
 from voxport.export.fp16 import Fp16Config
 from voxport.export.onnx import OnnxExportConfig
+from voxport.export.openvino import OpenVINOConfig
 from voxport.export.tensorrt import TensorRTConfig
 from voxport.models.stack import StackConfig
 from voxport.pipeline.engine import TimingConfig
@@ -46,6 +47,7 @@ SCHEMAS: dict[str, type] = {
     "quantize": QuantizeConfig,
     "fp16": Fp16Config,
     "tensorrt": TensorRTConfig,
+    "openvino": OpenVINOConfig,
     "prune": PruneConfig,
     "timing": TimingConfig,
     "validation": ValidationConfig,
@@ -65,6 +67,7 @@ SET_ELSEWHERE: dict[str, dict[str, str]] = {
     },
     "fp16": {"graph": "stage entry"},
     "tensorrt": {"graph": "stage entry"},
+    "openvino": {"graph": "stage entry"},
     "prune": {"graph": "stage entry", "default_sparsity": "stage entry (the preset's default)"},
 }
 

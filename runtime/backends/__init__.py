@@ -1,4 +1,4 @@
-"""One small interface, implemented by every engine (PyTorch, ONNX Runtime, TensorRT)."""
+"""One small interface, implemented by every engine (PyTorch, ONNX Runtime, OpenVINO, TensorRT)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def open_backend(record: Record, bundle_dir: Path, graph: str | None = None, **o
         from voxport.runtime.backends.tensorrt import TensorRTBackend
 
         backend = TensorRTBackend(**options)
+    elif record.format == "openvino":
+        from voxport.runtime.backends.openvino import OpenVINOBackend
+
+        backend = OpenVINOBackend(**options)
     else:  # Record validates formats; this guards hand-made records
         raise ConfigError(f"no backend for format '{record.format}'")
     backend.load(record, Path(bundle_dir))
@@ -42,9 +46,10 @@ def open_first(choices: Sequence[Selection], bundle_dir: Path, graph: str, host:
 
     One that fails (sha256 changed, ONNX Runtime fell back from CUDA, engine refused) gives way to
     the next, and the returned reason says which were refused and why; `strict` raises instead.
-    An ONNX artifact opens with the session settings its record says the build timed it under;
-    `threads` > 0 overrides only its intra-op threads (0 keeps the recorded value), `cpu_arena` its
-    memory arena policy (a deployment choice, not a build measurement; None keeps the default).
+    An ONNX artifact opens with the session settings its record says the build timed it under, an
+    OpenVINO IR with its record's precision; `threads` > 0 overrides only their intra-op threads
+    (0 keeps the recorded value), `cpu_arena` ONNX Runtime's memory arena policy (a deployment
+    choice, not a build measurement; None keeps the default).
     """
     refused: list[str] = []
     for choice in choices:
@@ -55,6 +60,8 @@ def open_first(choices: Sequence[Selection], bundle_dir: Path, graph: str, host:
                        "cpu_arena": cpu_arena}
         elif record.format == "trt":
             options = {"host": host}
+        elif record.format == "openvino":
+            options = {"threads": threads or None}
         try:
             backend = open_backend(record, bundle_dir, graph=graph, **options)
         except BackendUnavailable as exc:

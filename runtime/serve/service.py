@@ -17,6 +17,7 @@ import numpy as np
 
 from voxport.errors import RequestError, UploadError
 from voxport.models import text as text_frontend
+from voxport.pipeline.records import ENGINES
 from voxport.runtime.budget import WorkBudget
 from voxport.runtime.cloner import VoiceCloner
 from voxport.runtime.serve.engine import Controls, Engine, StopCheck
@@ -175,11 +176,10 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         components: dict[str, Any] = {}
-        backends = {"onnx": "onnxruntime", "torch": "torch", "trt": "tensorrt"}
         for key, served in self.cloner.served.items():
             component, graph = key.split("/", 1)
             entry = components.setdefault(component, {"weights": self.weights.get(component), "graphs": {}})
-            entry["graphs"][graph] = {**served.as_dict(), "backend": backends.get(served.format, served.format)}
+            entry["graphs"][graph] = {**served.as_dict(), "backend": ENGINES.get(served.format, served.format)}
         count, size = self.library.stats()
         limits = self.settings.limits
         return {

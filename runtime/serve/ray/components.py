@@ -34,7 +34,7 @@ from ray.serve.exceptions import RayServeException
 
 from voxport.errors import BackendUnavailable, ConfigError
 from voxport.models import speaker_frontend as se
-from voxport.pipeline.records import read_bundle
+from voxport.pipeline.records import ENGINES, read_bundle
 from voxport.runtime.backends.base import verified_artifact
 from voxport.runtime.cloner import VoiceCloner, reference_partials
 from voxport.runtime.host import detect
@@ -43,7 +43,6 @@ from voxport.runtime.streaming import StreamConfig
 
 log = logging.getLogger(__name__)
 
-BACKENDS = {"onnx": "onnxruntime", "torch": "torch", "trt": "tensorrt"}
 COMPONENT_GRAPHS = {
     "speaker_encoder": (("speaker_encoder", "speaker_encoder"),),
     "synthesizer": (("synthesizer", "encoder"), ("synthesizer", "decoder_step"), ("synthesizer", "postnet")),
@@ -98,7 +97,7 @@ class Component:
                                   cpu_arena=cpu_arena)
         self._batches: deque[int] = deque(maxlen=256)
         self.report = {**where, "component": self.component, "verified_sha256": checked, "graphs": {
-            key: {**served.as_dict(), "backend": BACKENDS.get(served.format, served.format)}
+            key: {**served.as_dict(), "backend": ENGINES.get(served.format, served.format)}
             for key, served in self.cloner.served.items()}}
         log.info("%s replica on node %s (%s): %s", self.component, where["node_ip"], where["replica"],
                  {k: v["file"] for k, v in self.report["graphs"].items()})
