@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+FILE_OPS = ("Conv", "ConvTranspose", "QuantizeLinear", "DequantizeLinear")  # counted in the IR's graph
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ def transform(parent: Record, cfg: OpenVINOConfig, ctx: PassContext) -> Candidat
         weights.unlink(missing_ok=True)
         raise
     precision = "bf16" if cfg.inference_precision == "bf16" and parent.precision == "fp32" else parent.precision
-    ops = {"file": (parent.parity or {}).get("integer_ops", {}).get("file", {}), "runtime": layers}
+    in_file = collections.Counter(n.op_type for n in model.graph.node)  # the graph the IR holds
+    ops = {"file": {k: in_file[k] for k in FILE_OPS if in_file[k]}, "runtime": layers}
     log.info("openvino %s (%s): %s; %d INT8 convolution outputs left float", parent.key, cfg.inference_precision,
              ", ".join(f"{k} {v}" for k, v in layers.items() if "Convolution" in k), len(float_outputs))
     draft = Record(

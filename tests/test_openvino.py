@@ -117,7 +117,11 @@ def test_openvino_runs_the_searched_int8_vocoder_in_integers_and_passes_the_gate
     assert runtime["Convolution[u8]"] == int8.parity["integer_ops"]["runtime"]["QLinearConv"]
     assert record.parity["quantized_nodes"] == int8.parity["quantized_nodes"]
     # Their outputs stay float into the LeakyReLU / residual Add (fused): a conv's input quantization stays.
-    assert set(record.config["float_conv_outputs"]) & set(int8.parity["quantized_nodes"])
+    dropped = record.config["float_conv_outputs"]
+    assert set(dropped) & set(int8.parity["quantized_nodes"])
+    ir_file, onnx_file = record.parity["integer_ops"]["file"], int8.parity["integer_ops"]["file"]
+    assert ir_file["QuantizeLinear"] == onnx_file["QuantizeLinear"] - len(dropped)
+    assert ir_file["Conv"] == onnx_file["Conv"]
     q = record.quality
     assert q["passed"] and q["log_mel_distance_increase_db"] <= 0.3 and q["pesq_drop"] <= 0.1
     assert record.speed["parent_median_s"] > 0 and record.speed["speedup_vs_parent"] > 0

@@ -98,6 +98,23 @@ def test_cpu_tier_never_serves_gpu_or_unsupported_artifacts() -> None:
         select(gpu_only, "vocoder", "vocoder", CPU_ONLY, ("cpu",))
 
 
+def test_an_openvino_ir_serves_on_cpu_where_it_measured_fastest_and_bf16_only_where_native() -> None:
+    """OpenVINO is an engine of the `cpu` tier: ranked by its measured speed like the others; one that
+    runs its float parts in bfloat16 never serves where the CPU would emulate it, and says why."""
+    ir = rec("vocoder_int8_openvino.xml", "openvino", "int8-static", "openvino", ratio=3.6)
+    choice = select([*BUNDLE, ir], "vocoder", "vocoder", CPU_ONLY)
+    assert choice.record.file == ir.file and choice.tier == "cpu"
+    assert choice.reason.startswith("openvino int8-static on CPU, 3.60x PyTorch FP32 measured")
+    assert [c.record.file for c in ranked([*BUNDLE, ir], "vocoder", "vocoder", CPU_ONLY, ("onnx",))][0] \
+        == "vocoder_int8.onnx"  # the `onnx` tier stays ONNX Runtime's
+    bf16 = dataclasses.replace(ir, config={"inference_precision": "bf16"})
+    assert select([*BUNDLE, bf16], "vocoder", "vocoder", CPU_BF16).record.file == bf16.file
+    files = [c.record.file for c in ranked([*BUNDLE, bf16], "vocoder", "vocoder", CPU_ONLY, ("cpu",))]
+    assert bf16.file not in files
+    with pytest.raises(BackendUnavailable, match="vocoder_int8_openvino.xml needs native bfloat16"):
+        select([BUNDLE[0], bf16], "vocoder", "vocoder", CPU_ONLY, ("cpu",))
+
+
 def test_unmeasured_fp32_export_beats_a_measured_slower_artifact() -> None:
     slow = rec("vocoder_pruned.onnx", "onnx", "fp32", "prune", ratio=0.7)
     choice = select([BUNDLE[0], BUNDLE[1], slow], "vocoder", "vocoder", CPU_ONLY)
