@@ -2,6 +2,7 @@
 OpenVINO, runs its INT8 layers on integer kernels, is judged against the original on held-out
 speech, and the runtime refuses an IR whose weights changed and serves the next artifact, saying so."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,31 @@ def test_the_ir_computes_what_openvino_computes_from_the_onnx_file(ctx: BuildCon
         reference = ort.infer({"mel": x})["wav"]
     assert served.shape == reference.shape
     assert np.max(np.abs(served - reference)) < 1e-3  # another engine, the same float32 function
+
+
+def test_pinned_threads_serve_concurrent_requests_side_by_side(ctx: BuildContext):
+    """As the service opens it (`serve.threads` per request, several workers): one stream per pinned
+    share of the cores, every concurrent call answered with its own input's output."""
+    import threading
+
+    record = run_stage(ctx, "openvino", ctx.find("vocoder", "vocoder", "onnx"), {"graph": "vocoder"})
+    inputs = [mel(0.3 + 0.1 * i) for i in range(4)]
+    with open_backend(record, ctx.bundle_dir, threads=1) as backend:
+        streams = max(1, (os.cpu_count() or 1))
+        assert backend.providers == [f"OpenVINO CPU (f32, 1 threads per request, {streams} streams)"
+                                     if streams > 1 else "OpenVINO CPU (f32, 1 threads)"]
+        alone = [backend.infer({"mel": x})["wav"] for x in inputs]
+        together: dict[int, np.ndarray] = {}
+
+        def call(i: int) -> None:
+            together[i] = backend.infer({"mel": inputs[i]})["wav"]
+
+        workers = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert all(np.array_equal(together[i], alone[i]) for i in range(len(inputs)))
 
 
 def test_a_changed_weights_file_is_refused_and_the_next_artifact_serves(ctx: BuildContext):
