@@ -33,7 +33,7 @@ COMMANDS = {
     "doctor": "describe this host and which artifact each component would use",
     "corpus": "assemble the real-speech corpus from Debian packages",
     "package": "package a bundle for deployment: format=triton out=DIR writes a Triton model repository",
-    "profile": "where an ONNX artifact's time goes (ORT profiler): per op type and node, achieved vs peak ops/s",
+    "profile": "where an ONNX or OpenVINO artifact's time goes: per op type and node, achieved vs peak ops/s",
 }
 
 
@@ -292,7 +292,7 @@ def cmd_profile(argv: list[str]) -> int:
         "OP/cycle/core from the CPU flags (README, Profiling)."))
     ap.add_argument("--bundle", type=Path, default=None, help="bundle (default: the config's out_dir)")
     ap.add_argument("--artifact", action="append", default=None, metavar="FILE",
-                    help="ONNX artifact file of the bundle, repeatable (default: every ONNX vocoder)")
+                    help="ONNX or OpenVINO artifact file of the bundle, repeatable (default: every such vocoder)")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds of held-out speech fed (default 3)")
     ap.add_argument("--top", type=int, default=15, help="nodes listed by time (default 15)")
     ap.add_argument("--repeats", type=int, default=5, help="profiled runs, medians over them (default 5)")

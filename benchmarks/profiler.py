@@ -1,4 +1,10 @@
-"""`voxport profile`: where an ONNX artifact's time goes, per operator type and per node, on real speech.
+"""`voxport profile`: where an artifact's time goes, per operator type and per node, on real speech.
+
+ONNX artifacts run under ONNX Runtime's profiler, OpenVINO IRs under OpenVINO's performance counters
+(`PERF_COUNT`: each executed node's time per run, its layer type and kernel, e.g. `Convolution
+(brgconv_avx512_I8)`); the tables are the same. An OpenVINO node that fused several ONNX nodes (an
+INT8 convolution with its LeakyReLU and residual Add) counts their MACs, found through its
+`originalLayersNames` in the ONNX graph the IR was made from (its record's parent).
 
 The artifact is opened exactly as the runtime opens it (`runtime.backends.onnxruntime.open_session`
 with the record's `speed.session` settings, the sha256 checked), with ONNX Runtime's profiler on.
@@ -19,6 +25,7 @@ import logging
 import re
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +65,7 @@ class ProfileConfig:
 
 def profile_bundle(bundle_dir: Path, artifacts: list[str] | None, cfg: ProfileConfig,
                    corpus_dir: str | None = None) -> list[tuple[dict[str, Any], list[Path]]]:
-    """Profile `artifacts` (file names; default: every ONNX vocoder artifact) of a bundle, writing
+    """Profile `artifacts` (file names; default: every ONNX or OpenVINO vocoder artifact) of a bundle, writing
     `<bundle>/profiles/<artifact>.json` and `.md`; [(profile, written paths)]."""
     from voxport.pipeline.engine import ensure_corpus
 
@@ -75,21 +82,25 @@ def profile_bundle(bundle_dir: Path, artifacts: list[str] | None, cfg: ProfileCo
     return results
 
 
+PROFILED_FORMATS = ("onnx", "openvino")  # ONNX Runtime's profiler, OpenVINO's performance counters
+
+
 def pick(records: list[Record], artifacts: list[str] | None) -> list[Record]:
-    """The records named (every one must be an ONNX artifact of the bundle), else the ONNX vocoders."""
+    """The records named (each an ONNX or OpenVINO artifact of the bundle), else those vocoders."""
     if not artifacts:
-        chosen = [r for r in records if r.component == "vocoder" and r.format == "onnx"]
+        chosen = [r for r in records if r.component == "vocoder" and r.format in PROFILED_FORMATS]
         if not chosen:
-            raise ConfigError("the bundle holds no ONNX vocoder artifact to profile")
+            raise ConfigError("the bundle holds no ONNX or OpenVINO vocoder artifact to profile")
         return chosen
     by_file = {r.file: r for r in records}
     unknown = [a for a in artifacts if a not in by_file]
     if unknown:
-        onnx = sorted(f for f, r in by_file.items() if r.format == "onnx")
-        raise ConfigError(f"no artifact {unknown} in the bundle (ONNX artifacts: {', '.join(onnx)})")
-    not_onnx = [a for a in artifacts if by_file[a].format != "onnx"]
-    if not_onnx:
-        raise ConfigError(f"{not_onnx}: ONNX Runtime's profiler needs an ONNX artifact")
+        known = sorted(f for f, r in by_file.items() if r.format in PROFILED_FORMATS)
+        raise ConfigError(f"no artifact {unknown} in the bundle (ONNX and OpenVINO artifacts: {', '.join(known)})")
+    other = [a for a in artifacts if by_file[a].format not in PROFILED_FORMATS]
+    if other:
+        raise ConfigError(f"{other}: only ONNX artifacts (ONNX Runtime's profiler) and OpenVINO IRs (its "
+                          "performance counters) can be profiled")
     return [by_file[a] for a in artifacts]
 
 
@@ -124,7 +135,9 @@ def _feed(record: Record, records: list[Record], corpus: Any, seconds: float) ->
 
 def profile_artifact(bundle_dir: Path, record: Record, records: list[Record], corpus: Any,
                      cfg: ProfileConfig) -> dict[str, Any]:
-    """Run the artifact under ONNX Runtime's profiler and summarise the trace (see the module docstring)."""
+    """Run the artifact under its engine's profiler and summarise it (see the module docstring)."""
+    if record.format == "openvino":
+        return _profile_openvino(bundle_dir, record, records, corpus, cfg)
     from voxport.runtime.backends.base import verified_artifact
     from voxport.runtime.backends.onnxruntime import open_session, recorded_settings
 
@@ -147,6 +160,66 @@ def profile_artifact(bundle_dir: Path, record: Record, records: list[Record], co
             "component": record.component, "graph": record.graph, "precision": record.precision,
             "stage": record.stage, "sha256": record.sha256, "input": described, "session": settings.to_dict(),
             "threads": threads, "warmup": cfg.warmup, "repeats": cfg.repeats, "host": host, **summary}
+
+
+def _profile_openvino(bundle_dir: Path, record: Record, records: list[Record], corpus: Any,
+                      cfg: ProfileConfig) -> dict[str, Any]:
+    """The OpenVINO IR compiled as its backend compiles it, with performance counters on."""
+    from voxport.export.openvino import compile_options, require_openvino
+    from voxport.runtime.backends.base import verified_artifact
+    from voxport.runtime.backends.openvino import verified_weights
+
+    feed, described = _feed(record, records, corpus, cfg.seconds)
+    xml = verified_artifact(record, bundle_dir)
+    verified_weights(record, xml)
+    config = record.config or {}
+    options = compile_options(str(config.get("inference_precision", "f32")),
+                              str(config.get("performance_hint", "LATENCY")), cfg.threads or None)
+    compiled = require_openvino().Core().compile_model(str(xml), "CPU", {**options, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    durations: dict[str, list[float]] = defaultdict(list)
+    kinds: dict[str, tuple[str, str]] = {}
+    run_ms = []
+    for i in range(cfg.warmup + cfg.repeats):
+        start = time.perf_counter()
+        request.infer(feed)
+        if i < cfg.warmup:
+            continue
+        run_ms.append(1000.0 * (time.perf_counter() - start))
+        for info in request.get_profiling_info():
+            if info.status == info.Status.EXECUTED:
+                durations[info.node_name].append(info.real_time.total_seconds() * 1000.0)
+                kinds[info.node_name] = (info.node_type, info.exec_type)
+    fused = {op.get_friendly_name(): op.get_rt_info()["originalLayersNames"].astype(str).split(",")
+             for op in compiled.get_runtime_model().get_ordered_ops()}
+    threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+    del request, compiled
+    parent = bundle_dir / (record.parent or "")
+    static = flops.graph_macs(parent, {"mel": feed["mel"].shape}) if record.parent and parent.is_file() else {}
+    if not static:
+        log.warning("%s: its ONNX parent %s is not in the bundle: no MAC counts", record.file, record.parent)
+    nodes = []
+    for name, times in durations.items():
+        layer, kernel = kinds[name]
+        counted = [static[n][1].ops for n in fused.get(name, []) if n in static]
+        precision = (("int8" if re.search(r"[iu]8", kernel, re.IGNORECASE) else "fp32")
+                     if layer in _OPENVINO_MAC_LAYERS else None)
+        nodes.append({"node": name, "op_type": f"{layer} ({kernel})", "ms": statistics.median(times),
+                      "calls": 1, "provider": "OpenVINO CPU", "precision": precision,
+                      "ops": sum(counted) if counted else None,
+                      "graph_node": next((n for n in fused.get(name, []) if n in static), None)})
+    summary = tables(nodes, run_ms, static)
+    host = _host(hardware.usable_cores())
+    summary |= achieved(summary, host, threads, described["audio_s"])
+    session = {"engine": "openvino", **options, "threads": threads}
+    return {"profile_version": 1, "created": now_iso(), "bundle": str(bundle_dir), "artifact": record.file,
+            "component": record.component, "graph": record.graph, "precision": record.precision,
+            "stage": record.stage, "sha256": record.sha256, "input": described, "session": session,
+            "threads": threads, "warmup": cfg.warmup, "repeats": cfg.repeats, "host": host, **summary}
+
+
+# OpenVINO layer types that multiply-accumulate (their ops are counted and rated against a peak).
+_OPENVINO_MAC_LAYERS = ("Convolution", "Deconvolution", "FullyConnected", "MatMul", "GroupConvolution")
 
 
 def _host(cores: int) -> dict[str, Any]:
@@ -208,6 +281,12 @@ def summarize(trace: list[dict[str, Any]], warmup: int,
         nodes.append({"node": name, "op_type": op, "ms": statistics.median(times),
                       "calls": len(times) // len(timed), "provider": args.get("provider"),
                       "precision": precision, "ops": ops, "graph_node": graph_node})
+    return tables(nodes, [r["dur"] / 1000.0 for r in timed], static)
+
+
+def tables(nodes: list[dict[str, Any]], run_ms: list[float],
+           static: dict[str, tuple[str, flops.NodeMacs]]) -> dict[str, Any]:
+    """Per op type and per module totals and shares of per-node median times, whichever engine ran them."""
     total = sum(n["ms"] for n in nodes)
     nodes.sort(key=lambda n: -n["ms"])
     for n in nodes:
@@ -229,10 +308,9 @@ def summarize(trace: list[dict[str, Any]], warmup: int,
     blocks = sorted(by_block.values(), key=lambda r: -r["ms"])
     for row in [*op_types, *blocks]:
         row["share"] = row["ms"] / total if total else 0.0
-    run_ms = [r["dur"] / 1000.0 for r in timed]
     uncounted = [n["node"] for n in nodes if n["precision"] and n["ops"] is None]
     if uncounted:
-        log.warning("no MAC count for %d node(s) ORT ran (%s): left out of the achieved rates",
+        log.warning("no MAC count for %d node(s) the engine ran (%s): left out of the achieved rates",
                     len(uncounted), ", ".join(uncounted[:5]))
     return {"run_ms": {"median": statistics.median(run_ms), "min": min(run_ms), "max": max(run_ms)},
             "node_ms_total": total, "node_coverage": total / statistics.median(run_ms),
@@ -305,7 +383,7 @@ def markdown(profile: dict[str, Any], top: int) -> str:
         f"{run['max']:.1f}), RTF {a['whole_graph']['rtf']:.3f}; node time covers {profile['node_coverage']:.0%} "
         "of the run.",
         "",
-        "| op type (as ORT ran it) | total ms | share | count | G(FL)OP per run |",
+        "| op type (as the engine ran it) | total ms | share | count | G(FL)OP per run |",
         "|---|---:|---:|---:|---:|",
         *(f"| {r['op_type']} | {r['ms']:.1f} | {r['share']:.1%} | {r['count']} | "
           f"{r['ops'] / 1e9:.2f} |" if r["ops"] else f"| {r['op_type']} | {r['ms']:.1f} | {r['share']:.1%} | "

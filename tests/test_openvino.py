@@ -83,6 +83,24 @@ def test_pinned_threads_serve_concurrent_requests_side_by_side(ctx: BuildContext
     assert all(np.array_equal(together[i], alone[i]) for i in range(len(inputs)))
 
 
+def test_profile_of_an_openvino_ir_counts_every_convolution_of_its_onnx_graph(ctx: BuildContext, corpus):
+    """`voxport profile` on an IR: OpenVINO's performance counters, per layer type and kernel, and each
+    convolution's MACs found through the ONNX nodes it fused (the same total as the ONNX graph)."""
+    from voxport.benchmarks import profiler
+
+    parent = ctx.find("vocoder", "vocoder", "onnx")
+    record = run_stage(ctx, "openvino", parent, {"graph": "vocoder"})
+    cfg = profiler.ProfileConfig(seconds=1.0, top=5, repeats=2, warmup=1, threads=1)
+    profile = profiler.profile_artifact(ctx.bundle_dir, record, ctx.records, corpus, cfg)
+    assert profile["session"]["engine"] == "openvino" and profile["threads"] == 1
+    convs = [r for r in profile["op_types"] if r["op_type"].startswith(("Convolution (", "Deconvolution ("))]
+    assert convs and sum(r["share"] for r in convs) > 0.6
+    assert sum(r["share"] for r in profile["op_types"]) == pytest.approx(1.0)
+    assert profile["ops_counted"] == profile["ops_in_graph"] > 0 and not profile["uncounted_nodes"]
+    assert profile["achieved"]["int8"]["ops"] == 0 and profile["achieved"]["fp32"]["ops_per_s_in_nodes"] > 0
+    assert "| op type (as the engine ran it) |" in profiler.markdown(profile, cfg.top)
+
+
 def test_a_changed_weights_file_is_refused_and_the_next_artifact_serves(ctx: BuildContext):
     parent = ctx.find("vocoder", "vocoder", "onnx")
     record = run_stage(ctx, "openvino", parent, {"graph": "vocoder"})

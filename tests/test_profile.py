@@ -1,4 +1,5 @@
-"""`voxport profile` (benchmarks/profiler.py): ORT's per-node trace, FLOPs from the graph, peaks from CPU flags."""
+"""`voxport profile` (benchmarks/profiler.py): ORT's per-node trace, FLOPs from the graph, peaks from CPU flags.
+OpenVINO IRs' profile (its performance counters): tests/test_openvino.py."""
 
 import json
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_profile_refuses_what_it_cannot_profile(bundle: Path) -> None:
     assert {r.file for r in profiler.pick(records, None)} == {"vocoder_fp32.onnx"}
     with pytest.raises(ConfigError, match="no artifact"):
         profiler.pick(records, ["nope.onnx"])
-    with pytest.raises(ConfigError, match="needs an ONNX artifact"):
+    with pytest.raises(ConfigError, match="only ONNX artifacts .* and OpenVINO IRs .* can be profiled"):
         profiler.pick(records, ["vocoder_fp32.pt"])
     with pytest.raises(ConfigError):
         profiler.ProfileConfig(repeats=0)
