@@ -250,6 +250,44 @@ def test_synthesis_controls_and_their_ranges(server: LiveServer, speech: dict[st
 
 
 @pytest.mark.slow  # 2-3 s: the fast tier keeps its siblings
+def test_a_service_warms_up_the_lengths_a_first_stream_starts_with(bundle: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first request the vocoder has run each length a stream's first chunks and a whole
+    utterance's chunks have (engines prepare per-shape work on a first call); `warm_up=false` runs none."""
+    import itertools
+
+    from voxport.runtime.cloner import VoiceCloner
+    from voxport.runtime.serve.engine import Controls
+
+    lengths: list[int] = []
+    real = VoiceCloner.vocode_batch
+
+    def counted(self, mels):
+        lengths.extend(int(m.shape[1]) for m in mels)
+        return real(self, mels)
+
+    monkeypatch.setattr(VoiceCloner, "vocode_batch", counted)
+    service = Service(_settings(bundle, tmp_path / "voices"))  # it owns its cloner: it warms it up
+    try:
+        warmed = set(lengths)
+        cfg = service.settings
+        whole = {cfg.vocoder_chunk_frames + cfg.stream.vocoder_context,  # a whole utterance's first chunk
+                 cfg.vocoder_chunk_frames + 2 * cfg.stream.vocoder_context}  # and its middle ones
+        assert whole <= warmed
+        lengths.clear()
+        voice = np.full(service.embedding_dim, service.embedding_dim ** -0.5, np.float32)
+        chunks = service.engine.stream("Hello world, and hello again.", voice,
+                                       Controls(max_decoder_steps=60, stop_threshold=1.0), lambda: False)
+        assert len(list(itertools.islice(chunks, 2))) == 2
+        chunks.close()
+        assert len(lengths) == 2 and set(lengths) <= warmed, (lengths, warmed)
+    finally:
+        service.close()
+    lengths.clear()
+    Service(_settings(bundle, tmp_path / "voices2", warm_up=False)).close()
+    assert lengths == []
+
+
 def test_streaming_sends_chunks_that_make_up_the_audio(server: LiveServer, speech: dict[str, bytes]) -> None:
     voice = _add(server, speech["a16"])
     one_shot, _ = _read_wav(_clone(server, voice_id=voice["id"]).content)

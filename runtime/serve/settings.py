@@ -158,7 +158,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2  # inference threads
-    threads: int = 1  # intra-op threads per ONNX Runtime session
+    threads: int = 1  # intra-op threads per ONNX Runtime session (per request on OpenVINO)
     cpu_arena: str = "keep"  # ONNX Runtime CPU memory arena: keep | shrink (after every run) | disabled
     queue_size: int = 4  # admitted requests beyond the busy workers; more get 503 + Retry-After
     request_timeout_s: float = 120.0
@@ -167,6 +167,9 @@ class ServeSettings:
     # Whole-utterance mels are vocoded in chunks of this many frames (+ stream.vocoder_context on each
     # side): bounded memory per call, cancellable between chunks, and a short request waits one chunk.
     vocoder_chunk_frames: int = 128
+    # Before the first request, run once each vocoder input length a request starts with (a short stream,
+    # a whole-utterance chunk): engines prepare per-shape work on a shape's first call (OpenVINO ~70 ms).
+    warm_up: bool = True
     default_max_decoder_steps: int | None = None  # None: the bundle's synthesizer setting
     limits: Limits = field(default_factory=Limits)
     stream: StreamConfig = field(default_factory=StreamConfig)
