@@ -36,6 +36,7 @@ import numpy as np
 from voxport.benchmarks import flops, hardware
 from voxport.errors import ConfigError
 from voxport.pipeline.records import Record, atomic_write_text, now_iso, read_bundle
+from voxport.quantize.qdq import OPENVINO_MAC_LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -165,16 +166,14 @@ def profile_artifact(bundle_dir: Path, record: Record, records: list[Record], co
 def _profile_openvino(bundle_dir: Path, record: Record, records: list[Record], corpus: Any,
                       cfg: ProfileConfig) -> dict[str, Any]:
     """The OpenVINO IR compiled as its backend compiles it, with performance counters on."""
-    from voxport.export.openvino import compile_options, require_openvino
+    from voxport.export.openvino import recorded_options, require_openvino
     from voxport.runtime.backends.base import verified_artifact
     from voxport.runtime.backends.openvino import verified_weights
 
     feed, described = _feed(record, records, corpus, cfg.seconds)
     xml = verified_artifact(record, bundle_dir)
     verified_weights(record, xml)
-    config = record.config or {}
-    options = compile_options(str(config.get("inference_precision", "f32")),
-                              str(config.get("performance_hint", "LATENCY")), cfg.threads or None)
+    options = recorded_options(record, cfg.threads or None)
     compiled = require_openvino().Core().compile_model(str(xml), "CPU", {**options, "PERF_COUNT": True})
     request = compiled.create_infer_request()
     durations: dict[str, list[float]] = defaultdict(list)
@@ -203,7 +202,7 @@ def _profile_openvino(bundle_dir: Path, record: Record, records: list[Record], c
         layer, kernel = kinds[name]
         counted = [static[n][1].ops for n in fused.get(name, []) if n in static]
         precision = (("int8" if re.search(r"[iu]8", kernel, re.IGNORECASE) else "fp32")
-                     if layer in _OPENVINO_MAC_LAYERS else None)
+                     if layer in OPENVINO_MAC_LAYERS else None)
         nodes.append({"node": name, "op_type": f"{layer} ({kernel})", "ms": statistics.median(times),
                       "calls": 1, "provider": "OpenVINO CPU", "precision": precision,
                       "ops": sum(counted) if counted else None,
@@ -216,10 +215,6 @@ def _profile_openvino(bundle_dir: Path, record: Record, records: list[Record], c
             "component": record.component, "graph": record.graph, "precision": record.precision,
             "stage": record.stage, "sha256": record.sha256, "input": described, "session": session,
             "threads": threads, "warmup": cfg.warmup, "repeats": cfg.repeats, "host": host, **summary}
-
-
-# OpenVINO layer types that multiply-accumulate (their ops are counted and rated against a peak).
-_OPENVINO_MAC_LAYERS = ("Convolution", "Deconvolution", "FullyConnected", "MatMul", "GroupConvolution")
 
 
 def _host(cores: int) -> dict[str, Any]:

@@ -119,6 +119,13 @@ def compile_options(inference_precision: str, performance_hint: str, threads: in
     return options
 
 
+def recorded_options(record: Record, threads: int | None) -> dict[str, Any]:
+    """`compile_options` for an IR as its record says it was judged and timed."""
+    config = record.config or {}
+    return compile_options(str(config.get("inference_precision", "f32")),
+                           str(config.get("performance_hint", "LATENCY")), threads)
+
+
 def runtime_layers(compiled: Any) -> dict[str, int]:
     """What the compiled model executes: layer type and runtime precision, counted
     (`Convolution[u8]` is an integer convolution; `Convolution[f32]` a float one)."""
@@ -141,6 +148,7 @@ def conv_outputs_float(model: onnx.ModelProto) -> list[str]:
     for node in graph.node:
         for name in node.input:
             readers[name].append(node)
+    outputs = {o.name for o in graph.output}
     dropped: set[int] = set()
     renamed: dict[str, str] = {}
     convs = []
@@ -150,7 +158,7 @@ def conv_outputs_float(model: onnx.ModelProto) -> list[str]:
             continue
         dqs = readers[q.output[0]]
         if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) \
-                or any(name in (o.name for o in graph.output) for name in (q.output[0], *(d.output[0] for d in dqs))):
+                or outputs & {q.output[0], *(d.output[0] for d in dqs)}:
             continue
         after = [r for d in dqs for r in readers[d.output[0]]]
         if not after or any(r.op_type in ("Conv", "QuantizeLinear") for r in after):

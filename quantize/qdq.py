@@ -173,9 +173,10 @@ def left_float(path: Path, nodes: Iterable[str]) -> list[str]:
     return left
 
 
-# OpenVINO's runtime layers, counted as `<layer type>[<runtime precision>]` (export/openvino.py).
-OPENVINO_INTEGER_LAYERS = tuple(f"{layer}[{p}]" for layer in ("Convolution", "Deconvolution", "FullyConnected",
-                                                                 "MatMul") for p in ("u8", "i8"))
+# OpenVINO's layer types that multiply-accumulate, and its runtime layers counted as
+# `<layer type>[<runtime precision>]` (export/openvino.py) that do so in integers.
+OPENVINO_MAC_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+OPENVINO_INTEGER_LAYERS = tuple(f"{layer}[{p}]" for layer in OPENVINO_MAC_LAYERS for p in ("u8", "i8"))
 
 
 def integer_op_total(counts: Mapping[str, int]) -> int:

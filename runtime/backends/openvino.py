@@ -64,18 +64,17 @@ class OpenVINOBackend(Backend):
         self._describe = ""
 
     def load(self, record: Record, bundle_dir: Path) -> None:
-        from voxport.export.openvino import compile_options, native_bf16, require_openvino
+        from voxport.export.openvino import native_bf16, recorded_options, require_openvino
 
         xml = verified_artifact(record, bundle_dir)
         verified_weights(record, xml)
         ov = require_openvino()
-        config = record.config or {}
-        precision = str(config.get("inference_precision", "f32"))
+        options = recorded_options(record, self._threads)
+        precision = options["INFERENCE_PRECISION_HINT"]
         core = ov.Core()
         if precision == "bf16" and not native_bf16(core):
             raise BackendUnavailable(f"{record.file}: built to run in bfloat16, which this CPU does not compute "
                                      "natively (OpenVINO would emulate it)")
-        options = compile_options(precision, str(config.get("performance_hint", "LATENCY")), self._threads)
         if self._threads:  # one stream per `threads` cores: concurrent requests run side by side
             streams = max(1, (os.cpu_count() or 1) // self._threads)
             options.update(NUM_STREAMS=streams, INFERENCE_NUM_THREADS=streams * self._threads)
